@@ -1,0 +1,529 @@
+"""JobController: one per job, a Ray actor that drives training and applies decisions.
+
+  STARTING -> RUNNING <-> RESCALING -> FINISHED | FAILED
+
+The loop reads top to bottom: apply what changed (decisions, newcomers ready, failures), run a
+chunk of steps on every active worker, account for what came back, checkpoint, repeat. Decisions
+(from the agent or a user) only say what should change; `_apply` turns them into ElasticGroup
+operations between steps. The controller never opens a partner's data file.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from raysys.control import metrics
+from raysys.control.decisions import Decision, Noop, Rebalance, Replace, Scale, describe
+from raysys.data.sampler import partner_batch_sizes
+from raysys.data.sources import DataError, check_schema_agreement
+from raysys.spec import JobSpec, node_matches
+from raysys.train.checkpoint import Checkpoint, CheckpointStore
+from raysys.train.collective import StoreServer
+from raysys.train.evaluation import evaluate_remote
+from raysys.train.group import ElasticGroup, GroupError, Member, MemberState
+from raysys.train.replica import ReplicaConfig
+
+log = logging.getLogger(__name__)
+
+
+class JobState(Enum):
+    STARTING = ("starting", False)
+    RUNNING = ("running", False)
+    RESCALING = ("rescaling", False)
+    FINISHED = ("finished", True)
+    FAILED = ("failed", True)
+
+    def __init__(self, label: str, terminal: bool) -> None:
+        self.label = label
+        self.terminal = terminal
+
+
+@dataclass
+class RescaleEvent:
+    kind: str  # scale_up | scale_down | replace | rebalance | recovery
+    detail: str
+    t_decision: float
+    t_ready: float | None = None  # group re-formed at its new size
+    t_first_step: float | None = None  # first step at the new size completed
+    step: int | None = None
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.t_first_step is None else self.t_first_step - self.t_decision
+
+
+@dataclass
+class PartnerCounters:
+    samples: int = 0
+    skipped_steps: int = 0
+    failures: int = 0
+
+
+@dataclass
+class Progress:
+    state: str
+    step: int
+    steps: int
+    loss: float | None
+    samples_per_s: float
+    step_time_s: float
+    workers: dict[str, int]
+    generation: int
+    elapsed_s: float
+    events: list[str] = field(default_factory=list)
+    next_event: int = 0  # pass as `since` to get only lines not seen yet
+
+
+class JobController:
+    def __init__(self, spec: dict, resume: bool = False, slowdowns: dict | None = None) -> None:
+        self.spec = JobSpec.model_validate(spec)
+        self.resume = resume
+        self.slowdowns = slowdowns or {}  # worker id -> artificial slowdown (experiments, tests)
+        self.state = JobState.STARTING
+        self.step = 0
+        self.batch_sizes: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.counters = {p.name: PartnerCounters() for p in self.spec.partners}
+        self.decisions: queue.Queue[Decision] = queue.Queue()
+        self.rescales: list[RescaleEvent] = []
+        self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
+        self._pending: dict[str, RescaleEvent] = {}  # cold newcomer id -> its decision's event
+        self.losses: deque[float] = deque(maxlen=20)
+        self.step_times: deque[float] = deque(maxlen=20)  # slowest worker's compute + sync
+        self.chunk_rates: deque[tuple[int, float]] = deque(maxlen=10)  # (samples, wall seconds)
+        self.last_checkpoint_step = -1
+        self.log_lines: deque[tuple[int, str]] = deque(maxlen=500)
+        self.n_logged = 0
+        self.t_start = time.time()
+        self.error: str | None = None
+        self._stop = threading.Event()
+        store = StoreServer(ray.util.get_node_ip_address())
+        self.group = ElasticGroup(self.spec, store)
+        self.ckpt = CheckpointStore(self.spec.checkpoint.storage_path, self.spec.name,
+                                    self.spec.checkpoint.keep)
+        self._tags = {"job": self.spec.name}
+
+    # -- public API (called from the driver, the agent, tests) --------------------------------
+    def run(self) -> dict:
+        try:
+            self._start()
+            self._train()
+            summary = self._finish()
+            self._set_state(JobState.FINISHED)
+            return summary
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self._set_state(JobState.FAILED)
+            self.group.shutdown()
+            raise
+
+    def submit(self, decision: Decision) -> None:
+        self.decisions.put(decision)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def progress(self, since: int = 0) -> dict:
+        """Where the job is; `events` holds the log lines numbered `since` and later."""
+        return asdict(Progress(
+            state=self.state.label, step=self.step, steps=self.spec.steps,
+            loss=self.losses[-1] if self.losses else None,
+            samples_per_s=self._throughput(), step_time_s=self._mean_step_time(),
+            workers=self.group.counts(), generation=self.group.generation,
+            elapsed_s=time.time() - self.t_start,
+            events=[line for i, line in self.log_lines if i >= since], next_event=self.n_logged,
+        ))
+
+    def workers(self) -> list[dict]:
+        """Live view of every member: id, partner, state, node, recent step time, local batch."""
+        return [{"id": m.id, "partner": m.partner, "state": m.state.value,
+                 "node_id": m.info.node_id if m.info else None, "pid": m.info.pid if m.info else None,
+                 "step_time_s": m.recent_step_s, "local_batch": m.local_batch, "share": m.share}
+                for m in self.group.members.values()]
+
+    def rescale_events(self) -> list[dict]:
+        return [dict(asdict(e), latency_s=e.latency_s) for e in self.rescales]
+
+    def parameters(self) -> np.ndarray:
+        """Flat parameters of the first active worker (all replicas hold the same ones)."""
+        return ray.get(self.group.active()[0].actor.flat_parameters.remote())
+
+    # -- STARTING ----------------------------------------------------------------------------
+    def _start(self) -> None:
+        ckpt = self.ckpt.latest() if self.resume else None
+        for p in self.spec.partners:
+            for _ in range(p.workers.initial):
+                self.group.start(p, MemberState.ACTIVE,
+                                 slowdown=self._slowdown_for(p.name))
+            for _ in range(p.workers.spares):
+                self.group.start(p, MemberState.SPARE)
+        infos = self._load_all()
+        schemas = {}
+        for info in infos:
+            schemas.setdefault(info.partner, info.schema)
+        features, num_classes = check_schema_agreement(schemas, self.spec.num_classes)
+        self.sizes = {name: s.rows for name, s in schemas.items()}
+        self.batch_sizes = partner_batch_sizes(self.sizes, self.spec.global_batch_size)
+        if ckpt is not None:
+            self._check_resumable(ckpt)
+        self.group.replica_cfg = self._replica_config(len(features), num_classes)
+        self.group.build_pending(self.group.replica_cfg)
+        # The first generation is formed once every initial worker is built.
+        while self.group.with_state(MemberState.STARTING):
+            self.group.poll_starting(timeout_s=1.0)
+        if ckpt is not None:
+            state_ref = ray.put(ckpt.state)
+            ray.get([m.actor.import_state.remote(state_ref)
+                     for m in self.group.active() + self.group.with_state(MemberState.SPARE)])
+            self.counters = {k: PartnerCounters(**v) for k, v in ckpt.counters.items()}
+            self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
+        self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
+        self._export_worker_counts()
+        self._set_state(JobState.RUNNING)
+        self._log(f"started {self._describe_counts()}; batch per step {self.batch_sizes}")
+
+    def _load_all(self) -> list:
+        """Wait for every worker's data; a partner's bad data stops the job before step 1."""
+        members = list(self.group.members.values())
+        infos = []
+        problems = []
+        for m in members:
+            try:
+                m.info = ray.get(m.load_ref)
+                infos.append(m.info)
+            except RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, DataError) else exc
+                problems.append(str(cause).strip().splitlines()[-1]
+                                if not isinstance(cause, DataError) else str(cause))
+        if problems:
+            raise DataError("\n".join(dict.fromkeys(problems)))
+        return infos
+
+    def _check_resumable(self, ckpt: Checkpoint) -> None:
+        saved = ckpt.sampler
+        if saved["seed"] != self.spec.seed or saved["batch_sizes"] != self.batch_sizes:
+            raise ValueError(
+                f"checkpoint {ckpt.path} was written with seed {saved['seed']} and per-partner "
+                f"batches {saved['batch_sizes']}; this job has seed {self.spec.seed} and "
+                f"{self.batch_sizes}: resuming would not continue the same run"
+            )
+
+    def _replica_config(self, in_features: int, num_classes: int) -> ReplicaConfig:
+        s = self.spec
+        return ReplicaConfig(
+            model=s.model.name, model_kwargs=dict(s.model.kwargs), in_features=in_features,
+            num_classes=num_classes, seed=s.seed, optimizer=s.optimizer.name, lr=s.optimizer.lr,
+            momentum=s.optimizer.momentum, weight_decay=s.optimizer.weight_decay,
+            bucket_mb=s.runtime.bucket_mb,
+        )
+
+    # -- RUNNING -----------------------------------------------------------------------------
+    def _train(self) -> None:
+        while self.step < self.spec.steps and not self._stop.is_set():
+            self._apply_changes()
+            n = self._chunk_size()
+            t_chunk = time.time()
+            reports, lost = self._run_chunk(n)
+            done = self._account(reports, n, t_chunk)
+            if lost or done < n:
+                self._recover(lost)
+            self._maybe_checkpoint()
+            self._maybe_evaluate()
+
+    def _chunk_size(self) -> int:
+        rt = self.spec.runtime
+        if rt.steps_per_call:
+            n = rt.steps_per_call
+        else:
+            mean = self._mean_step_time()
+            n = 1 if mean <= 0 else int(min(50, max(1, 0.25 / mean)))
+        # Never run past a boundary where the controller has work to do.
+        for every in (self.spec.checkpoint.every_steps,
+                      self.spec.evaluation.every_steps if self.spec.evaluation else None):
+            if every:
+                n = min(n, every - self.step % every)
+        if self._open_events or not self.decisions.empty():
+            n = 1  # a change is in flight: measure its first step precisely
+        return max(1, min(n, self.spec.steps - self.step))
+
+    def _run_chunk(self, n: int) -> tuple[dict[str, object], list[str]]:
+        plans = self.group.plans(self.batch_sizes)
+        gen = self.group.generation
+        refs = {m.id: m.actor.run_steps.remote(gen, self.step, n, plans[m.id])
+                for m in self.group.active()}
+        reports, lost = {}, []
+        for member_id, ref in refs.items():
+            try:
+                reports[member_id] = ray.get(ref)
+            except RayActorError:
+                lost.append(member_id)
+        return reports, lost
+
+    def _account(self, reports: dict, n: int, t_chunk: float) -> int:
+        """Record the steps that completed everywhere; returns how many that is."""
+        if not reports:
+            return 0
+        done = min(r.steps_done for r in reports.values())
+        best = max(reports.values(), key=lambda r: r.steps_done)
+        for member_id, r in reports.items():
+            m = self.group.members[member_id]
+            if r.steps_done:
+                m.recent_step_s = float(np.mean(np.add(r.compute_s, r.sync_s)))
+                m.local_batch = r.local_batch[-1]
+            if r.error:
+                self._log(f"{member_id}: {r.error}")
+        advanced = best.steps_done
+        counts = self.group.counts()
+        for i in range(advanced):
+            self.losses.append(best.loss[i])
+            step_time = max(r.compute_s[i] + r.sync_s[i] for r in reports.values()
+                            if r.steps_done > i)
+            self.step_times.append(step_time)
+            if i == 0:
+                self._close_events(t_chunk + step_time)
+        for p in self.spec.partners:
+            if counts[p.name]:
+                self.counters[p.name].samples += self.batch_sizes[p.name] * advanced
+            else:
+                self.counters[p.name].skipped_steps += advanced
+        self.step += advanced
+        self.chunk_rates.append((advanced * sum(self.batch_sizes[p] for p, c in counts.items()
+                                                if c), time.time() - t_chunk))
+        metrics.JOB_STEP.set(self.step, tags=self._tags)
+        metrics.JOB_SAMPLES_PER_S.set(self._throughput(), tags=self._tags)
+        if advanced and self.step % self.spec.runtime.log_every_steps < advanced:
+            self._log(f"step {self.step}/{self.spec.steps} loss {self.losses[-1]:.4f} "
+                      f"{self._throughput():.0f} samples/s {self._describe_counts()}")
+        return done
+
+    # -- faults ------------------------------------------------------------------------------
+    def _recover(self, lost: list[str]) -> None:
+        """A worker died or a collective failed: re-form on the survivors and go on."""
+        self._set_state(JobState.RESCALING)
+        event = RescaleEvent("recovery", f"lost {', '.join(lost) or 'a collective'}", time.time())
+        for member_id in lost:
+            self.group.mark_dead(member_id)
+            partner = self.group.members[member_id].partner
+            self.counters[partner].failures += 1
+            self._log(f"worker {member_id} died at step {self.step}")
+        self._reform(event)
+        for p in self.spec.partners:
+            starting = len(self.group.with_state(MemberState.STARTING, p.name))
+            missing = p.workers.min - len(self.group.active(p.name)) - starting
+            for _ in range(max(0, missing)):
+                m = self.group.start(p, MemberState.ACTIVE)
+                self._log(f"starting {m.id} to keep {p.name} at its minimum of {p.workers.min}")
+            if not self.group.active(p.name):
+                self._log(f"partner {p.name} has no live worker: its samples are skipped")
+        self._set_state(JobState.RUNNING)
+
+    def _reform(self, event: RescaleEvent) -> None:
+        try:
+            self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
+        except GroupError as exc:
+            raise GroupError(f"cannot go on at step {self.step}: {exc}") from exc
+        event.t_ready, event.step = time.time(), self.step
+        self.rescales.append(event)
+        self._open_events.append(event)
+        metrics.RESCALES.inc(tags={**self._tags, "kind": event.kind})
+        self._export_worker_counts()
+
+    def _close_events(self, t_first_step: float) -> None:
+        for e in self._open_events:
+            e.t_first_step = t_first_step
+            metrics.RESCALE_SECONDS.observe(e.latency_s, tags={**self._tags, "kind": e.kind})
+            self._log(f"{e.kind} ({e.detail}) took {e.latency_s:.2f} s to the first step")
+        self._open_events.clear()
+
+    # -- decisions ---------------------------------------------------------------------------
+    def _apply_changes(self) -> None:
+        """Between steps: take newcomers that are ready, then apply queued decisions."""
+        changed: list[RescaleEvent] = []
+        for m in self.group.poll_starting():
+            if m.state is MemberState.ACTIVE:
+                if m.replaces:
+                    self.group.retire(m.replaces)
+                changed.append(self._pending_event_for(m))
+        while not self.decisions.empty():
+            event = self._apply(self.decisions.get())
+            if event is not None:
+                changed.append(event)
+        structural = [e for e in changed if e.kind != "rebalance"]
+        if structural:
+            self._set_state(JobState.RESCALING)
+            t0 = min(e.t_decision for e in structural)
+            merged = RescaleEvent("+".join(sorted({e.kind for e in structural})),
+                                  "; ".join(e.detail for e in structural), t0)
+            self._reform(merged)
+            self._set_state(JobState.RUNNING)
+        for e in changed:
+            if e.kind == "rebalance":
+                e.t_ready, e.step = time.time(), self.step
+                self.rescales.append(e)
+                self._open_events.append(e)
+
+    def _pending_event_for(self, m: Member) -> RescaleEvent:
+        event = self._pending.pop(m.id, None)
+        return event or RescaleEvent("scale_up", f"{m.id} joined", time.time())
+
+    def _apply(self, d: Decision) -> RescaleEvent | None:
+        """Turn one decision into group operations; returns an event when the group changed now.
+
+        Cold newcomers return None here: their event is opened when they join.
+        """
+        now = time.time()
+        if isinstance(d, Noop):
+            return None
+        if isinstance(d, Scale):
+            return self._scale(d, now)
+        if isinstance(d, Replace):
+            return self._replace(d, now)
+        if isinstance(d, Rebalance):
+            members = {m.id for m in self.group.active(d.partner)}
+            for m in self.group.active(d.partner):
+                m.share = float(d.split.get(m.id, 1.0))
+            unknown = set(d.split) - members
+            if unknown:
+                self._log(f"rebalance: ignoring workers not active in {d.partner}: {unknown}")
+            return RescaleEvent("rebalance", describe(d), now)
+        raise TypeError(f"not a decision: {d!r}")
+
+    def _scale(self, d: Scale, now: float) -> RescaleEvent | None:
+        p = self.spec.partner(d.partner)
+        active = self.group.active(p.name)
+        starting = self.group.with_state(MemberState.STARTING, p.name)
+        if d.delta > 0:
+            room = p.workers.max - len(active) - len([m for m in starting
+                                                      if m.join_as is MemberState.ACTIVE])
+            n = min(d.delta, room)
+            spares = self.group.with_state(MemberState.SPARE, p.name)[:n]
+            for m in spares:
+                m.state = MemberState.ACTIVE
+            for _ in range(n - len(spares)):
+                m = self.group.start(p, MemberState.ACTIVE)
+                self._pending[m.id] = RescaleEvent("scale_up", f"{m.id} (cold)", now)
+            for _ in range(len(spares)):  # keep the pool of warm spares full
+                self.group.start(p, MemberState.SPARE)
+            if n < d.delta:
+                self._log(f"{describe(d)}: clipped to +{n} by max {p.workers.max}")
+            if spares:
+                return RescaleEvent("scale_up", f"{', '.join(m.id for m in spares)} (warm)", now)
+            return None
+        n = min(-d.delta, len(active) - p.workers.min)
+        if n <= 0:
+            self._log(f"{describe(d)}: refused, {p.name} is at its minimum {p.workers.min}")
+            return None
+        leaving = active[-n:]
+        for m in leaving:
+            self.group.retire(m.id)
+        return RescaleEvent("scale_down", ", ".join(m.id for m in leaving), now)
+
+    def _replace(self, d: Replace, now: float) -> RescaleEvent | None:
+        old = self.group.members.get(d.worker)
+        if old is None or old.state is MemberState.GONE:
+            self._log(f"replace: no live worker {d.worker}")
+            return None
+        p = self.spec.partner(old.partner)
+        if d.node is not None:
+            node = next((n for n in ray.nodes() if n["NodeID"] == d.node and n["Alive"]), None)
+            if node is None or not node_matches(node.get("Labels") or {}, p.placement):
+                self._log(f"replace: node {d.node} is not a live node of {p.name}'s placement")
+                return None
+        spare = next(iter(self.group.with_state(MemberState.SPARE, p.name)), None)
+        if spare is not None and d.node in (None, spare.info.node_id):
+            spare.state = MemberState.ACTIVE
+            self.group.retire(old.id)
+            self.group.start(p, MemberState.SPARE)
+            return RescaleEvent("replace", f"{old.id} -> {spare.id} (warm)", now)
+        m = self.group.start(p, MemberState.ACTIVE, node_id=d.node, replaces=old.id)
+        self._pending[m.id] = RescaleEvent("replace", f"{old.id} -> {m.id} (cold)", now)
+        return None
+
+    # -- checkpoints, evaluation, summary ----------------------------------------------------
+    def _maybe_checkpoint(self, force: bool = False) -> None:
+        every = self.spec.checkpoint.every_steps
+        if not force and not (every and self.step % every == 0):
+            return
+        if self.last_checkpoint_step == self.step:
+            return
+        self.last_checkpoint_step = self.step
+        state = ray.get(self.group.active()[0].actor.export_state.remote())
+        path = self.ckpt.save(Checkpoint(
+            self.step, state,
+            sampler={"seed": self.spec.seed, "sizes": self.sizes,
+                     "batch_sizes": self.batch_sizes},
+            counters={k: asdict(v) for k, v in self.counters.items()},
+        ))
+        self._log(f"checkpoint {path}")
+
+    def _maybe_evaluate(self) -> dict | None:
+        ev = self.spec.evaluation
+        if ev is None or not ev.every_steps or self.step % ev.every_steps:
+            return None
+        result = self._evaluate()
+        self._log(f"eval at step {self.step}: loss {result['loss']:.4f} "
+                  f"accuracy {result['accuracy']:.3f}")
+        return result
+
+    def _evaluate(self) -> dict:
+        state_ref = self.group.active()[0].actor.export_state.remote()
+        return ray.get(evaluate_remote.remote(self.group.replica_cfg, state_ref,
+                                              self.spec.evaluation.model_dump()))
+
+    def _finish(self) -> dict:
+        self._maybe_checkpoint(force=True)
+        held_out = self._evaluate() if self.spec.evaluation else None
+        summary = {
+            "job": self.spec.name, "state": "finished", "steps": self.step,
+            "final_loss": float(np.mean(list(self.losses)[-5:])) if self.losses else None,
+            "held_out": held_out,
+            "partners": {k: asdict(v) for k, v in self.counters.items()},
+            "batch_per_step": self.batch_sizes, "workers": self.group.counts(),
+            "rescales": len(self.rescales), "wall_time_s": time.time() - self.t_start,
+            "samples_per_s": self._throughput(),
+        }
+        self.group.shutdown()
+        return summary
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _slowdown_for(self, partner: str) -> float:
+        index = len([m for m in self.group.members.values() if m.partner == partner])
+        return float(self.slowdowns.get(f"{partner}/{index}", 1.0))
+
+    def _set_state(self, state: JobState) -> None:
+        self.state = state
+
+    def _log(self, line: str) -> None:
+        stamped = f"[{time.time() - self.t_start:7.1f}s] {line}"
+        self.log_lines.append((self.n_logged, stamped))
+        self.n_logged += 1
+        log.info(line)
+
+    def _mean_step_time(self) -> float:
+        return float(np.mean(self.step_times)) if self.step_times else 0.0
+
+    def _throughput(self) -> float:
+        """Samples per wall-clock second over the last chunks (includes every overhead)."""
+        samples = sum(n for n, _ in self.chunk_rates)
+        seconds = sum(t for _, t in self.chunk_rates)
+        return samples / seconds if seconds else 0.0
+
+    def _describe_counts(self) -> str:
+        return " ".join(f"{k}:{v}" for k, v in self.group.counts().items())
+
+    def _export_worker_counts(self) -> None:
+        for partner, n in self.group.counts().items():
+            metrics.WORKERS.set(n, tags={**self._tags, "partner": partner})
+
+
+RemoteJobController = ray.remote(num_cpus=0, max_concurrency=8)(JobController)

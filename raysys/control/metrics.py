@@ -1,0 +1,87 @@
+"""Prometheus metrics exported through ray.util.metrics (each node's /metrics, `ray_` prefix).
+
+Metric objects are created on first use inside the process that records them (a worker or the
+controller), since ray.util.metrics needs a connected Ray worker.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+_STEP_BOUNDS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+_RESCALE_BOUNDS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+
+
+class _Metrics:
+    @cached_property
+    def _m(self):  # imported lazily: importing raysys must not need Ray's metrics agent
+        from ray.util import metrics
+
+        return metrics
+
+    @cached_property
+    def STEP_TIME(self):
+        return self._m.Histogram(
+            "raysys_step_time_seconds", "Training step time of one worker (compute + sync).",
+            boundaries=_STEP_BOUNDS, tag_keys=("job", "partner", "worker"),
+        )
+
+    @cached_property
+    def WORKER_SAMPLES_PER_S(self):
+        return self._m.Gauge(
+            "raysys_worker_samples_per_second", "Samples per second processed by one worker.",
+            tag_keys=("job", "partner", "worker"),
+        )
+
+    @cached_property
+    def LOSS(self):
+        return self._m.Gauge(
+            "raysys_loss", "Training loss (global mean of the last step).",
+            tag_keys=("job", "partner", "worker"),
+        )
+
+    @cached_property
+    def JOB_SAMPLES_PER_S(self):
+        return self._m.Gauge(
+            "raysys_job_samples_per_second", "Samples per second of the whole job.",
+            tag_keys=("job",),
+        )
+
+    @cached_property
+    def JOB_STEP(self):
+        return self._m.Gauge("raysys_step", "Optimizer steps completed.", tag_keys=("job",))
+
+    @cached_property
+    def WORKERS(self):
+        return self._m.Gauge(
+            "raysys_workers", "Live workers in the group, per partner.",
+            tag_keys=("job", "partner"),
+        )
+
+    @cached_property
+    def RESCALES(self):
+        return self._m.Counter(
+            "raysys_rescales_total", "Group changes (scale, replace, rebalance, recovery).",
+            tag_keys=("job", "kind"),
+        )
+
+    @cached_property
+    def RESCALE_SECONDS(self):
+        return self._m.Histogram(
+            "raysys_rescale_seconds", "Time from a decision to the group being ready at its new "
+            "size.", boundaries=_RESCALE_BOUNDS, tag_keys=("job", "kind"),
+        )
+
+    @cached_property
+    def FAILURES(self):
+        return self._m.Counter(
+            "raysys_worker_failures_total", "Workers lost during training.",
+            tag_keys=("job", "partner"),
+        )
+
+
+_metrics = _Metrics()
+
+
+def __getattr__(name: str):
+    return getattr(_metrics, name)

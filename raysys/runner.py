@@ -1,0 +1,159 @@
+"""The driver side of a job: connect to Ray (or start a local cluster), validate, run, report.
+
+Used by `raysys run` and by `jobs/train.py` (the `ray job submit` entry point), so both paths
+validate the same way and print the same progress and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from rich.console import Console
+from rich.table import Table
+
+from raysys.spec import JobSpec, check_against_cluster
+
+console = Console(stderr=False, highlight=False)
+
+
+@dataclass
+class LocalCluster:
+    """Several labelled Ray "nodes" on this host, one per distinct partner placement."""
+
+    cluster: Any
+
+    @classmethod
+    def for_spec(cls, spec: JobSpec, cpus_per_node: float | None = None,
+                 metrics_port: int | None = None) -> LocalCluster:
+        from ray.cluster_utils import Cluster
+
+        head_args: dict[str, Any] = {"num_cpus": 1, "include_dashboard": True}
+        if metrics_port:
+            head_args["metrics_export_port"] = metrics_port
+        cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        selectors: dict[tuple, float] = {}
+        for p in spec.partners:
+            key = tuple(sorted(p.placement.items()))
+            need = (p.workers.max + p.workers.spares) * p.cpus_per_worker
+            selectors[key] = selectors.get(key, 0.0) + need
+        for key, need in selectors.items():
+            if not key:
+                continue  # an empty selector matches the head node too
+            cpus = cpus_per_node or max(1, math.ceil(need))  # Ray wants whole CPUs per node
+            cluster.add_node(num_cpus=cpus, labels=dict(key))
+        cluster.wait_for_nodes()
+        return cls(cluster)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+def connect(spec: JobSpec, address: str | None) -> LocalCluster | None:
+    """Join the given/ambient cluster, or start a local labelled one when there is none."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return None
+    local = LocalCluster.for_spec(spec, metrics_port=spec.runtime.metrics_export_port)
+    ray.init(address=local.address, log_to_driver=False)
+    return local
+
+
+def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
+            summary_path: str | None = None) -> dict:
+    """Validate against the live cluster, start the controller, stream progress, return summary."""
+    from raysys.control.controller import RemoteJobController
+
+    check_against_cluster(spec, ray.nodes())
+    controller = RemoteJobController.options(name=f"raysys:{spec.name}:controller").remote(
+        spec.model_dump(), resume
+    )
+    done = controller.run.remote()
+    since = 0
+    live = _ProgressView(spec, quiet)
+    while True:
+        ready, _ = ray.wait([done], timeout=0.5)
+        try:
+            progress = ray.get(controller.progress.remote(since), timeout=5)
+        except Exception:  # the controller ended between the two calls
+            progress = None
+        if progress:
+            live.update(progress)
+            since = progress["next_event"]
+        if ready:
+            break
+    live.close()
+    summary = ray.get(done)
+    if summary_path:
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
+    if not quiet:
+        print_summary(summary)
+    return summary
+
+
+class _ProgressView:
+    """A progress bar on a terminal; plain log lines otherwise (ray job logs, CI)."""
+
+    def __init__(self, spec: JobSpec, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stdout.isatty()
+        self.t0 = time.time()
+        self.bar = None
+        if self.tty and not quiet:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total}"),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                console=console)
+            self.task = self.bar.add_task(spec.name, total=spec.steps, info="starting")
+            self.bar.start()
+
+    def update(self, progress: dict) -> None:
+        if self.quiet:
+            return
+        for line in progress["events"]:
+            (self.bar.console if self.bar else console).print(line)
+        if self.bar:
+            loss = progress["loss"]
+            info = (f"{progress['state']} loss {loss:.4f} " if loss is not None else
+                    f"{progress['state']} ") + f"{progress['samples_per_s']:.0f}/s " + \
+                " ".join(f"{k}:{v}" for k, v in progress["workers"].items())
+            self.bar.update(self.task, completed=progress["step"], info=info)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"raysys job '{summary['job']}' {summary['state']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(summary["steps"]))
+    if summary["final_loss"] is not None:
+        table.add_row("final training loss", f"{summary['final_loss']:.4f}")
+    if summary.get("held_out"):
+        h = summary["held_out"]
+        table.add_row("held-out loss", f"{h['loss']:.4f}")
+        table.add_row("held-out accuracy", f"{h['accuracy']:.3f} ({h['rows']} rows)")
+    for name, c in summary["partners"].items():
+        skipped = f", {c['skipped_steps']} steps skipped" if c["skipped_steps"] else ""
+        failures = f", {c['failures']} failures" if c["failures"] else ""
+        table.add_row(f"samples from {name}", f"{c['samples']}{skipped}{failures}")
+    table.add_row("rescales", str(summary["rescales"]))
+    table.add_row("throughput", f"{summary['samples_per_s']:.0f} samples/s")
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    console.print(table)

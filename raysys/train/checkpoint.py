@@ -1,0 +1,79 @@
+"""Durable checkpoints: for losing the driver or the whole cluster, never for rescaling.
+
+A checkpoint is one file `<storage>/<job>/step-<step>.pt` holding model and optimizer state, the
+step, the sampler state (seed, partner sizes and per-step batches: with them the samples of every
+later step are determined) and per-partner counters. It is written to a temporary name and then
+renamed, so a reader never sees half a checkpoint, on a local folder or any pyarrow filesystem URI.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+
+_NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    state: dict  # Replica.state(): model, optimizer, step
+    sampler: dict  # seed, partner sizes, partner batch sizes
+    counters: dict  # per partner: samples, skipped steps
+    path: str = ""
+
+
+def _filesystem(storage_path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in storage_path:
+        return pafs.FileSystem.from_uri(storage_path)
+    return pafs.LocalFileSystem(), str(Path(storage_path).resolve())
+
+
+class CheckpointStore:
+    def __init__(self, storage_path: str, job: str, keep: int = 2) -> None:
+        self.fs, root = _filesystem(storage_path)
+        self.dir = f"{root.rstrip('/')}/{job}"
+        self.keep = keep
+
+    def save(self, ckpt: Checkpoint) -> str:
+        self.fs.create_dir(self.dir, recursive=True)
+        buf = io.BytesIO()
+        torch.save({"step": ckpt.step, "state": ckpt.state, "sampler": ckpt.sampler,
+                    "counters": ckpt.counters}, buf)
+        final = f"{self.dir}/step-{ckpt.step:09d}.pt"
+        tmp = f"{final}.tmp"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(buf.getvalue())
+        self.fs.move(tmp, final)  # atomic on POSIX; readers see the old set or the new one
+        self._prune()
+        return final
+
+    def _steps(self) -> list[int]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True))
+        except FileNotFoundError:
+            return []
+        steps = []
+        for info in infos:
+            m = _NAME.match(Path(info.path).name)
+            if m and info.type == pafs.FileType.File:
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def _prune(self) -> None:
+        for step in self._steps()[: -self.keep]:
+            self.fs.delete_file(f"{self.dir}/step-{step:09d}.pt")
+
+    def latest(self) -> Checkpoint | None:
+        steps = self._steps()
+        if not steps:
+            return None
+        path = f"{self.dir}/step-{steps[-1]:09d}.pt"
+        with self.fs.open_input_stream(path) as f:
+            data = torch.load(io.BytesIO(f.read()), weights_only=False)
+        return Checkpoint(data["step"], data["state"], data["sampler"], data["counters"], path)

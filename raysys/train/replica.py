@@ -1,0 +1,119 @@
+"""One model + optimizer replica, and the per-step arithmetic shared by workers and references.
+
+Gradients are summed per sample on each replica (loss with reduction="sum"), summed across
+replicas by the all-reduce, and divided by the number of samples the whole step used. The result
+is the mean gradient over the step's samples however they were split, which is what makes the
+parameters independent of worker count and split (invariant 2).
+
+Gradients live in flat per-bucket buffers and each parameter's `.grad` is a view into them, so
+backward writes straight into what the all-reduce sends (no copy in, no copy out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from raysys.models import build_model, build_optimizer
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    model: str
+    model_kwargs: dict
+    in_features: int
+    num_classes: int
+    seed: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    bucket_mb: float = 25.0
+
+
+class Replica:
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        self.cfg = cfg
+        self.model: nn.Module = build_model(
+            cfg.model, cfg.model_kwargs, cfg.in_features, cfg.num_classes, cfg.seed
+        )
+        self.optimizer = build_optimizer(
+            self.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay
+        )
+        self.step = 0  # optimizer steps applied so far
+        self.buckets = self._bind_gradient_buckets(int(cfg.bucket_mb * 2**20))
+        self._loss = nn.CrossEntropyLoss(reduction="sum")
+
+    def _bind_gradient_buckets(self, bucket_bytes: int) -> list[torch.Tensor]:
+        """Allocate flat buffers and make every parameter's .grad a view into one of them.
+
+        The last bucket carries two extra slots, [loss_sum, n_samples], so the step's global
+        loss and sample count travel in the same all-reduce as the gradients.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups: list[list[nn.Parameter]] = [[]]
+        size = 0
+        for p in params:
+            if groups[-1] and (size + p.numel()) * 4 > bucket_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(p)
+            size += p.numel()
+        buckets = []
+        for i, group in enumerate(groups):
+            extra = 2 if i == len(groups) - 1 else 0
+            flat = torch.zeros(sum(p.numel() for p in group) + extra, dtype=torch.float32)
+            offset = 0
+            for p in group:
+                p.grad = flat[offset: offset + p.numel()].view_as(p)
+                offset += p.numel()
+            buckets.append(flat)
+        return buckets
+
+    def local_gradients(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Zero the buffers, then sum per-sample gradients of this replica's samples into them."""
+        for b in self.buckets:
+            b.zero_()
+        n = int(y.shape[0])
+        if n:
+            loss = self._loss(self.model(x), y)
+            loss.backward()
+            self.buckets[-1][-2] = loss.detach()
+        self.buckets[-1][-1] = float(n)
+
+    @property
+    def step_loss_sum(self) -> float:
+        return float(self.buckets[-1][-2])
+
+    @property
+    def step_samples(self) -> int:
+        return int(round(float(self.buckets[-1][-1])))
+
+    def apply(self) -> None:
+        """After the buffers hold the sum over all replicas: average and take the optimizer step."""
+        n = self.step_samples
+        if n == 0:  # nobody contributed (every partner skipped): nothing to learn from
+            self.step += 1
+            return
+        for b in self.buckets:
+            b.div_(n)
+        self.optimizer.step()
+        self.step += 1
+
+    # -- state, for newcomers (in memory) and for durable checkpoints -------------------------
+    def state(self) -> dict:
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def flat_parameters(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])

@@ -1,0 +1,184 @@
+"""PartnerWorker: a Ray actor holding one replica and ONE partner's private rows.
+
+Residency (invariant 1): the only place a partner's data file is opened is `load()` below, and
+the actor is scheduled only on nodes whose labels match the partner's placement. What leaves the
+actor: gradients (inside the all-reduce), aggregate statistics (row count, schema, loss sums) and
+timings.
+
+A worker computes its own sample indices from the plan (seed, step, partner batch, its position
+and share), so a call can carry many steps while sending only a few numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+
+from raysys.control import metrics
+from raysys.data.sampler import split_indices, step_indices
+from raysys.data.sources import TableSchema, load_partner_table
+from raysys.train.collective import CollectiveError, GenerationGroup
+from raysys.train.replica import Replica, ReplicaConfig
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one worker does every step of a call: its partner's per-step batch is split among
+    the partner's live workers by `shares`, and this worker takes chunk number `position`."""
+
+    partner_batch: int
+    position: int
+    shares: tuple[float, ...]
+
+
+@dataclass
+class ChunkReport:
+    """What a worker says after a call of run_steps: per completed step, and why it stopped."""
+
+    worker: str
+    first_step: int
+    steps_done: int = 0
+    loss: list[float] = field(default_factory=list)  # global mean loss of each step
+    samples: list[int] = field(default_factory=list)  # global samples of each step
+    local_batch: list[int] = field(default_factory=list)
+    compute_s: list[float] = field(default_factory=list)
+    sync_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker: str
+    partner: str
+    node_id: str
+    node_ip: str
+    pid: int
+    schema: TableSchema
+
+
+class PartnerWorker:
+    def __init__(self, job: str, worker_id: str, partner: str, data: dict, seed: int,
+                 slowdown: float = 1.0) -> None:
+        torch.set_num_threads(1)  # fractional CPUs on small hosts: one thread per replica
+        self.job = job
+        self.worker_id = worker_id
+        self.partner = partner
+        self.seed = seed
+        self._data_spec = data
+        # Artificial slowdown (1.0 = none), for straggler experiments and tests only.
+        self.slowdown = slowdown
+        self.replica: Replica | None = None
+        self.group: GenerationGroup | None = None
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._tags = {"job": job, "partner": partner, "worker": worker_id}
+
+    # -- life cycle --------------------------------------------------------------------------
+    def load(self) -> WorkerInfo:
+        """Read this partner's table (the only read of partner data anywhere in raysys)."""
+        table = load_partner_table(
+            self.partner, self._data_spec["path"], self._data_spec.get("features"),
+            self._data_spec.get("label", "label"),
+        )
+        self._x = torch.from_numpy(table.x)
+        self._y = torch.from_numpy(table.y)
+        ctx = ray.get_runtime_context()
+        return WorkerInfo(self.worker_id, self.partner, ctx.get_node_id(),
+                          ray.util.get_node_ip_address(), os.getpid(), table.schema)
+
+    def build(self, cfg: ReplicaConfig, state: dict | None = None) -> int:
+        """Build the replica (same seed everywhere: same initial parameters), or load `state`."""
+        self.replica = Replica(cfg)
+        if state is not None:
+            self.replica.load_state(state)
+        return self.replica.step
+
+    def join(self, generation: int, rank: int, world: int, store_host: str, store_port: int,
+             timeout_s: float) -> int:
+        self.leave()
+        self.group = GenerationGroup(generation, rank, world, store_host, store_port, timeout_s)
+        return self.replica.step
+
+    def leave(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+    def export_state(self) -> dict:
+        return self.replica.state()
+
+    def import_state(self, state: dict) -> int:
+        self.replica.load_state(state)
+        return self.replica.step
+
+    def current_step(self) -> int:
+        return self.replica.step if self.replica else -1
+
+    def set_slowdown(self, factor: float) -> None:
+        self.slowdown = factor
+
+    # -- training ----------------------------------------------------------------------------
+    def run_steps(self, generation: int, first_step: int, n_steps: int,
+                  plan: WorkerPlan) -> ChunkReport:
+        report = ChunkReport(self.worker_id, first_step)
+        if self.group is None or self.group.generation != generation:
+            report.error = f"{self.worker_id} is not in generation {generation}"
+            return report
+        if self.replica.step != first_step:
+            report.error = f"{self.worker_id} is at step {self.replica.step}, not {first_step}"
+            return report
+        rows = int(self._y.shape[0])
+        for step in range(first_step, first_step + n_steps):
+            t0 = time.perf_counter()
+            idx = step_indices(self.seed, self.partner, rows, plan.partner_batch, step)
+            mine = torch.from_numpy(split_indices(idx, list(plan.shares))[plan.position])
+            self.replica.local_gradients(self._x[mine], self._y[mine])
+            t1 = time.perf_counter()
+            if self.slowdown > 1.0:
+                time.sleep((t1 - t0) * (self.slowdown - 1.0))
+                t1 = time.perf_counter()
+            try:
+                self.group.all_reduce_sum(self.replica.buckets)
+            except CollectiveError as exc:
+                report.error = str(exc)
+                break
+            self.replica.apply()
+            t2 = time.perf_counter()
+            n = self.replica.step_samples
+            report.steps_done += 1
+            report.loss.append(self.replica.step_loss_sum / n if n else float("nan"))
+            report.samples.append(n)
+            report.local_batch.append(int(mine.numel()))
+            report.compute_s.append(t1 - t0)
+            report.sync_s.append(t2 - t1)
+        self._export_metrics(report)
+        return report
+
+    def _export_metrics(self, report: ChunkReport) -> None:
+        if not report.steps_done:
+            return
+        for c, s in zip(report.compute_s, report.sync_s):
+            metrics.STEP_TIME.observe(c + s, tags=self._tags)
+        elapsed = sum(report.compute_s) + sum(report.sync_s)
+        local = sum(report.local_batch)
+        metrics.WORKER_SAMPLES_PER_S.set(local / elapsed if elapsed else 0.0, tags=self._tags)
+        metrics.LOSS.set(report.loss[-1], tags=self._tags)
+
+    def evaluate_local(self) -> tuple[float, int, int]:
+        """(loss sum, correct, rows) of the current model on this partner's own rows."""
+        with torch.no_grad():
+            logits = self.replica.model(self._x)
+            loss = torch.nn.functional.cross_entropy(logits, self._y, reduction="sum")
+            correct = int((logits.argmax(1) == self._y).sum())
+        return float(loss), correct, int(self._y.shape[0])
+
+    def flat_parameters(self) -> np.ndarray:
+        return self.replica.flat_parameters().numpy()
+
+
+RemotePartnerWorker = ray.remote(PartnerWorker)
