@@ -31,7 +31,7 @@ from raysys.train.checkpoint import Checkpoint, CheckpointStore
 from raysys.train.collective import StoreServer
 from raysys.train.evaluation import evaluate_remote
 from raysys.train.group import ElasticGroup, GroupError, Member, MemberState
-from raysys.train.replica import ReplicaConfig
+from raysys.train.replica import Replica, ReplicaConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class JobController:
         self.n_logged = 0
         self.t_start = time.time()
         self.error: str | None = None
+        self.final_state: dict | None = None
         self._stop = threading.Event()
         store = StoreServer(ray.util.get_node_ip_address())
         self.group = ElasticGroup(self.spec, store)
@@ -141,7 +142,8 @@ class JobController:
             samples_per_s=self._throughput(), step_time_s=self._mean_step_time(),
             workers=self.group.counts(), generation=self.group.generation,
             elapsed_s=time.time() - self.t_start,
-            events=[line for i, line in self.log_lines if i >= since], next_event=self.n_logged,
+            events=[line for i, line in list(self.log_lines) if i >= since],
+            next_event=self.n_logged,
         ))
 
     def workers(self) -> list[dict]:
@@ -155,8 +157,13 @@ class JobController:
         return [dict(asdict(e), latency_s=e.latency_s) for e in self.rescales]
 
     def parameters(self) -> np.ndarray:
-        """Flat parameters of the first active worker (all replicas hold the same ones)."""
-        return ray.get(self.group.active()[0].actor.flat_parameters.remote())
+        """Flat parameters: of the first active worker while running (all replicas hold the same
+        ones), of the final state once finished."""
+        if self.final_state is None:
+            return ray.get(self.group.active()[0].actor.flat_parameters.remote())
+        replica = Replica(self.group.replica_cfg)
+        replica.load_state(self.final_state)
+        return replica.flat_parameters().numpy()
 
     # -- STARTING ----------------------------------------------------------------------------
     def _start(self) -> None:
@@ -450,14 +457,15 @@ class JobController:
         return None
 
     # -- checkpoints, evaluation, summary ----------------------------------------------------
-    def _maybe_checkpoint(self, force: bool = False) -> None:
+    def _maybe_checkpoint(self, state: dict | None = None) -> None:
+        """Write a durable checkpoint every `every_steps` steps, or now when `state` is given."""
         every = self.spec.checkpoint.every_steps
-        if not force and not (every and self.step % every == 0):
-            return
-        if self.last_checkpoint_step == self.step:
+        due = state is not None or (every and self.step % every == 0)
+        if not due or self.last_checkpoint_step == self.step:
             return
         self.last_checkpoint_step = self.step
-        state = ray.get(self.group.active()[0].actor.export_state.remote())
+        if state is None:
+            state = ray.get(self.group.active()[0].actor.export_state.remote())
         path = self.ckpt.save(Checkpoint(
             self.step, state,
             sampler={"seed": self.spec.seed, "sizes": self.sizes,
@@ -475,14 +483,16 @@ class JobController:
                   f"accuracy {result['accuracy']:.3f}")
         return result
 
-    def _evaluate(self) -> dict:
-        state_ref = self.group.active()[0].actor.export_state.remote()
+    def _evaluate(self, state: dict | None = None) -> dict:
+        state_ref = state if state is not None else \
+            self.group.active()[0].actor.export_state.remote()
         return ray.get(evaluate_remote.remote(self.group.replica_cfg, state_ref,
                                               self.spec.evaluation.model_dump()))
 
     def _finish(self) -> dict:
-        self._maybe_checkpoint(force=True)
-        held_out = self._evaluate() if self.spec.evaluation else None
+        self.final_state = ray.get(self.group.active()[0].actor.export_state.remote())
+        self._maybe_checkpoint(self.final_state)
+        held_out = self._evaluate(self.final_state) if self.spec.evaluation else None
         summary = {
             "job": self.spec.name, "state": "finished", "steps": self.step,
             "final_loss": float(np.mean(list(self.losses)[-5:])) if self.losses else None,
