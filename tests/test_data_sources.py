@@ -365,6 +365,12 @@ def test_agreement_feature_order():
         check_schema_agreement({"alpha": schema(), "beta": beta}, None)
 
 
+def test_agreement_duplicate_feature_in_reference():
+    alpha = schema(features=(("a", "float64"), ("a", "float64")))
+    with pytest.raises(DataError, match="partner 'alpha' lists feature 'a' more than once"):
+        check_schema_agreement({"alpha": alpha, "beta": schema(features=(("a", "float64"),))}, None)
+
+
 def test_agreement_label_dtype():
     with pytest.raises(DataError, match="partner 'beta' label column 'label' has dtype float64"):
         check_schema_agreement({"alpha": schema(), "beta": schema(label="float64")}, None)

@@ -107,6 +107,7 @@ class JobController:
         self.t_start = time.time()
         self.error: str | None = None
         self.final_state: dict | None = None
+        self.resumed_from: int | None = None
         self._stop = threading.Event()
         store = StoreServer(ray.util.get_node_ip_address())
         self.group = ElasticGroup(self.spec, store)
@@ -193,6 +194,7 @@ class JobController:
             ray.get([m.actor.import_state.remote(state_ref)
                      for m in self.group.active() + self.group.with_state(MemberState.SPARE)])
             self.counters = {k: PartnerCounters(**v) for k, v in ckpt.counters.items()}
+            self.resumed_from = ckpt.step
             self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
         self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
         self._export_worker_counts()
@@ -495,6 +497,7 @@ class JobController:
         held_out = self._evaluate(self.final_state) if self.spec.evaluation else None
         summary = {
             "job": self.spec.name, "state": "finished", "steps": self.step,
+            "resumed_from_step": self.resumed_from,
             "final_loss": float(np.mean(list(self.losses)[-5:])) if self.losses else None,
             "held_out": held_out,
             "partners": {k: asdict(v) for k, v in self.counters.items()},
