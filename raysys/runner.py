@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import RayTaskError
 from rich.console import Console
 from rich.table import Table
 
+from raysys.data.sources import DataError
 from raysys.spec import JobSpec, check_against_cluster
+from raysys.yamlio import ConfigError
 
 console = Console(stderr=False, highlight=False)
 
@@ -94,7 +97,15 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
         if ready:
             break
     live.close()
-    summary = ray.get(done)
+    try:
+        summary = ray.get(done)
+    except RayTaskError as exc:
+        # Bad partner data or config found inside the cluster: show the message, not a traceback.
+        if isinstance(exc.cause, (DataError, ConfigError)):
+            raise exc.cause from None
+        raise
+    finally:
+        ray.kill(controller)  # its workers are already gone; free the name for the next run
     if summary_path:
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -1,0 +1,128 @@
+"""The job spec rejects bad input before anything starts, naming the field path and line."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import make_spec
+
+from raysys.spec import JobSpec, check_against_cluster, load_spec
+from raysys.yamlio import ConfigError
+
+
+@pytest.fixture
+def good(two_partner_data, tmp_path) -> dict:
+    return make_spec(two_partner_data, tmp_path)
+
+
+def write(tmp_path, spec: dict, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def error_for(tmp_path, spec: dict) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_spec(write(tmp_path, spec))
+    return str(exc.value)
+
+
+def test_a_good_spec_loads(good, tmp_path):
+    spec = load_spec(write(tmp_path, good))
+    assert [p.name for p in spec.partners] == ["alpha", "beta"]
+    assert spec.partner("beta").workers.max == 4
+
+
+def test_unknown_key_names_its_path_and_line(good, tmp_path):
+    good["partners"][1]["workers"]["maximum"] = 3
+    msg = error_for(tmp_path, good)
+    assert "partners.1.workers.maximum: unknown key" in msg
+    lines = open(tmp_path / "job.yaml").read().splitlines()
+    line_no = next(i for i, line in enumerate(lines, 1) if "maximum" in line)
+    assert f"job.yaml:{line_no}:" in msg
+
+
+def test_wrong_type(good, tmp_path):
+    good["global_batch_size"] = "many"
+    assert "global_batch_size: Input should be a valid integer" in error_for(tmp_path, good)
+
+
+def test_min_greater_than_max(good, tmp_path):
+    good["partners"][0]["workers"] = {"initial": 2, "min": 3, "max": 2}
+    assert "partners.0.workers: min (3) is greater than max (2)" in error_for(tmp_path, good)
+
+
+def test_initial_outside_bounds(good, tmp_path):
+    good["partners"][0]["workers"] = {"initial": 5, "min": 1, "max": 2}
+    assert "initial (5) must lie between" in error_for(tmp_path, good)
+
+
+def test_duplicate_partner_names(good, tmp_path):
+    good["partners"][1]["name"] = "alpha"
+    assert "partners: duplicate partner name 'alpha'" in error_for(tmp_path, good)
+
+
+def test_missing_data_file(good, tmp_path):
+    good["partners"][1]["data"]["path"] = str(tmp_path / "nope.parquet")
+    msg = error_for(tmp_path, good)
+    assert "partners.1.data" in msg and "nope.parquet' not found" in msg
+
+
+def test_file_on_partner_nodes_is_not_checked_here(good, tmp_path):
+    good["partners"][1]["data"] = {"path": "/srv/beta/only-there.parquet",
+                                   "on_partner_nodes": True}
+    assert load_spec(write(tmp_path, good)).partners[1].data.on_partner_nodes
+
+
+def test_unknown_model_and_bad_optimizer(good, tmp_path):
+    good["model"]["name"] = "resnet9000"
+    good["optimizer"]["name"] = "lion"
+    msg = error_for(tmp_path, good)
+    assert "model.name: unknown model 'resnet9000'" in msg
+    assert "optimizer.name" in msg
+
+
+def test_all_problems_reported_at_once(good, tmp_path):
+    good["steps"] = 0
+    good["seed"] = "x"
+    msg = error_for(tmp_path, good)
+    assert "steps:" in msg and "seed:" in msg
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\npartners: [\n  - a: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_spec(path)
+
+
+def test_placement_label_no_node_carries(good):
+    spec = JobSpec.model_validate(good)
+    nodes = [{"Alive": True, "Labels": {"partner": "alpha", "ray.io/node-id": "n1"}},
+             {"Alive": False, "Labels": {"partner": "beta"}}]  # beta's only node is dead
+    with pytest.raises(ConfigError) as exc:
+        check_against_cluster(spec, nodes)
+    assert "partners.1.placement: no live node carries {'partner': 'beta'}" in str(exc.value)
+    assert "partner=alpha" in str(exc.value)
+    nodes[1]["Alive"] = True
+    check_against_cluster(spec, nodes)
+
+
+def test_spec_is_immutable_once_validated(good):
+    spec = JobSpec.model_validate(copy.deepcopy(good))
+    with pytest.raises(Exception):
+        spec.steps = 3
+
+
+def test_cli_exits_2_with_the_error_and_starts_nothing(good, tmp_path):
+    good["partners"][0]["cpus_per_worker"] = -1
+    path = write(tmp_path, good)
+    out = subprocess.run([sys.executable, "-m", "raysys.cli", "run", path],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "partners.0.cpus_per_worker" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout
