@@ -174,7 +174,9 @@ class JobSpec(_Strict):
     @classmethod
     def _valid_job_name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"'{v}' is not a valid job name (lower-case letters, digits, '-', '_')")
+            raise ValueError(
+                f"'{v}' is not a valid job name (lower-case letters, digits, '-', '_')"
+            )
         return v
 
     @field_validator("partners")

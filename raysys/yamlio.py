@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 
 def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
-    """Map every field path (tuple of keys/indices) in a composed YAML node tree to its 1-based line."""
+    """Map each field path (tuple of keys/indices) of a composed YAML tree to its 1-based line."""
     lines = {path: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -60,7 +60,7 @@ def format_validation_error(err: ValidationError, source: str, lines: dict[tuple
 
 
 def read_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
-    """Parse a YAML file; return (data, line index). Syntax errors become ConfigError with the line."""
+    """Parse a YAML file; return (data, line index). Bad syntax: ConfigError with the line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
@@ -76,7 +76,7 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
 
 
 def load_model(model: type[M], path: str | Path, context: dict | None = None) -> M:
-    """Read `path` and validate it as `model`; any mistake is one ConfigError listing all problems."""
+    """Read `path`, validate it as `model`; all mistakes are reported in one ConfigError."""
     data, lines = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")

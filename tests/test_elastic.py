@@ -1,4 +1,4 @@
-"""Invariant 2 on the live system: rescaling, rebalancing and failures do not change what is learned.
+"""Invariant 2, live: rescaling, rebalancing and failures do not change what is learned.
 
 Each run is compared with `reference_parameters`, a single-process loop over the same samples.
 """

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from conftest import make_spec
 
 from raysys.spec import JobSpec, check_against_cluster, load_spec
@@ -41,7 +42,7 @@ def test_unknown_key_names_its_path_and_line(good, tmp_path):
     good["partners"][1]["workers"]["maximum"] = 3
     msg = error_for(tmp_path, good)
     assert "partners.1.workers.maximum: unknown key" in msg
-    lines = open(tmp_path / "job.yaml").read().splitlines()
+    lines = (tmp_path / "job.yaml").read_text().splitlines()
     line_no = next(i for i, line in enumerate(lines, 1) if "maximum" in line)
     assert f"job.yaml:{line_no}:" in msg
 
@@ -114,7 +115,7 @@ def test_placement_label_no_node_carries(good):
 
 def test_spec_is_immutable_once_validated(good):
     spec = JobSpec.model_validate(copy.deepcopy(good))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.steps = 3
 
 

@@ -150,7 +150,8 @@ class JobController:
     def workers(self) -> list[dict]:
         """Live view of every member: id, partner, state, node, recent step time, local batch."""
         return [{"id": m.id, "partner": m.partner, "state": m.state.value,
-                 "node_id": m.info.node_id if m.info else None, "pid": m.info.pid if m.info else None,
+                 "node_id": m.info.node_id if m.info else None,
+                 "pid": m.info.pid if m.info else None,
                  "step_time_s": m.recent_step_s, "local_batch": m.local_batch, "share": m.share}
                 for m in self.group.members.values()]
 

@@ -11,6 +11,7 @@ stall training. Warm spares (SPARE) are started, loaded and built ahead of time 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from raysys.control import metrics
-from raysys.spec import JobSpec, PartnerSpec, node_matches
+from raysys.spec import JobSpec, PartnerSpec
 from raysys.train.collective import StoreServer
 from raysys.train.replica import ReplicaConfig
 from raysys.train.worker import RemotePartnerWorker, WorkerInfo, WorkerPlan
@@ -161,10 +162,8 @@ class ElasticGroup:
         m.died = died
         if died:
             metrics.FAILURES.inc(tags={"job": self.spec.name, "partner": m.partner})
-        try:
+        with contextlib.suppress(Exception):  # already dead: nothing to release
             ray.kill(m.actor, no_restart=True)
-        except Exception:  # already dead: nothing to release
-            pass
 
     def mark_dead(self, member_id: str) -> None:
         m = self.members[member_id]
@@ -185,7 +184,7 @@ class ElasticGroup:
                 steps = self._get([m.actor.current_step.remote() for m in members], timeout_s)
                 target = max(steps)
                 source = members[steps.index(target)]
-                behind = [m for m, s in zip(members, steps) if s != target]
+                behind = [m for m, s in zip(members, steps, strict=True) if s != target]
                 if behind:
                     state_ref = source.actor.export_state.remote()
                     self._get([m.actor.import_state.remote(state_ref) for m in behind], timeout_s)

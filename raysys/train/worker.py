@@ -162,7 +162,7 @@ class PartnerWorker:
     def _export_metrics(self, report: ChunkReport) -> None:
         if not report.steps_done:
             return
-        for c, s in zip(report.compute_s, report.sync_s):
+        for c, s in zip(report.compute_s, report.sync_s, strict=True):
             metrics.STEP_TIME.observe(c + s, tags=self._tags)
         elapsed = sum(report.compute_s) + sum(report.sync_s)
         local = sum(report.local_batch)
