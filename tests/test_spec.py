@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import yaml
-from pydantic import ValidationError
 from conftest import make_spec
+from pydantic import ValidationError
 
 from raysys.spec import JobSpec, check_against_cluster, load_spec
 from raysys.yamlio import ConfigError
