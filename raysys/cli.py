@@ -34,6 +34,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import ray
+
+    from raysys.profile import profile
+    from raysys.runner import connect
+    from raysys.spec import check_against_cluster, load_spec
+
+    spec = load_spec(args.config)
+    counts = _int_list(args.workers, "--workers")
+    batches = _int_list(args.local_batches, "--local-batches")
+    local = connect(spec, args.address)
+    try:
+        check_against_cluster(spec, ray.nodes())
+        path = profile(spec, counts, batches, args.steps, args.warmup, args.out)
+        print(f"wrote {path}; fit it with: raysys agent fit {path}")
+    finally:
+        ray.shutdown()
+        if local is not None:
+            local.shutdown()
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag}: expected positive integers, got '{text}'")
+    return values
+
+
 def _cmd_data_demo(args: argparse.Namespace) -> int:
     from raysys.data.demo import describe_split, write_digits_demo
 
@@ -59,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--summary", default=None, help="also write the summary as JSON here")
     run.add_argument("--quiet", action="store_true", help="print no progress or summary")
     run.set_defaults(func=_cmd_run)
+
+    prof = sub.add_parser("profile", help="measure step time by workers and local batch "
+                                           "(Pollux placements.csv format) for the simulator")
+    prof.add_argument("config")
+    prof.add_argument("--workers", default="1,2,3", help="worker counts, e.g. 1,2,3")
+    prof.add_argument("--local-batches", default="16,32,64,128")
+    prof.add_argument("--steps", type=int, default=30, help="measured steps per point")
+    prof.add_argument("--warmup", type=int, default=5)
+    prof.add_argument("--out", default="runs/profile.csv")
+    prof.add_argument("--address", default=None)
+    prof.set_defaults(func=_cmd_profile)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
     demo = data.add_parser("demo", help="write the digits demo split (no download)")

@@ -101,6 +101,7 @@ class JobController:
         self.losses: deque[float] = deque(maxlen=20)
         self.step_times: deque[float] = deque(maxlen=20)  # slowest worker's compute + sync
         self.chunk_rates: deque[tuple[int, float]] = deque(maxlen=10)  # (samples, wall seconds)
+        self.step_log: deque[tuple[int, float, float]] = deque(maxlen=5000)  # step, time, sync
         self.last_checkpoint_step = -1
         self.log_lines: deque[tuple[int, str]] = deque(maxlen=500)
         self.n_logged = 0
@@ -154,6 +155,10 @@ class JobController:
                  "pid": m.info.pid if m.info else None,
                  "step_time_s": m.recent_step_s, "local_batch": m.local_batch, "share": m.share}
                 for m in self.group.members.values()]
+
+    def step_timings(self) -> list[tuple[int, float, float]]:
+        """(step, step time, sync time) of recent steps, as `raysys profile` records them."""
+        return list(self.step_log)
 
     def rescale_events(self) -> list[dict]:
         return [dict(asdict(e), latency_s=e.latency_s) for e in self.rescales]
@@ -296,9 +301,13 @@ class JobController:
         counts = self.group.counts()
         for i in range(advanced):
             self.losses.append(best.loss[i])
-            step_time = max(r.compute_s[i] + r.sync_s[i] for r in reports.values()
-                            if r.steps_done > i)
+            # The step lasts as long as its slowest worker's compute plus the sync after it
+            # (the others' sync includes waiting for that worker).
+            slowest = max((r for r in reports.values() if r.steps_done > i),
+                          key=lambda r, i=i: r.compute_s[i])
+            step_time = slowest.compute_s[i] + slowest.sync_s[i]
             self.step_times.append(step_time)
+            self.step_log.append((self.step + i, step_time, slowest.sync_s[i]))
             if i == 0:
                 self._close_events(t_chunk + step_time)
         for p in self.spec.partners:
