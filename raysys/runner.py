@@ -83,6 +83,13 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
         spec.model_dump(), resume
     )
     done = controller.run.remote()
+    agent = None
+    if spec.agent.policy != "static":  # static never acts: no agent process needed
+        from raysys.agent.actor import RemoteAgentActor
+
+        agent = RemoteAgentActor.options(name=f"raysys:{spec.name}:agent").remote(
+            controller, spec.model_dump())
+        agent_done = agent.run.remote()
     since = 0
     live = _ProgressView(spec, quiet)
     while True:
@@ -105,13 +112,26 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
             raise exc.cause from None
         raise
     finally:
+        if agent is not None:
+            agent.stop.remote()
+            summary_decisions = _agent_history(agent_done)
         ray.kill(controller)  # its workers are already gone; free the name for the next run
+    if agent is not None:
+        summary["agent"] = {"policy": spec.agent.policy, "decisions": summary_decisions}
+        ray.kill(agent)
     if summary_path:
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
     if not quiet:
         print_summary(summary)
     return summary
+
+
+def _agent_history(agent_done: ray.ObjectRef) -> list[dict]:
+    try:
+        return ray.get(agent_done, timeout=60)
+    except Exception as exc:  # the agent's failure must not hide the job's result
+        return [{"error": f"agent ended with {type(exc).__name__}: {exc}"}]
 
 
 class _ProgressView:

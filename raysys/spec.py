@@ -142,6 +142,8 @@ class AgentSpec(_Strict):
     checkpoint: str | None = None  # RLModule checkpoint for the `rl` policy
     cooldown_s: float = Field(30.0, ge=0)
     max_actions_per_minute: int = Field(4, ge=1)
+    # The objective's lambda: what one worker-second costs against one second of waiting.
+    cost_per_worker_second: float = Field(0.0, ge=0)
 
 
 class RuntimeSpec(_Strict):

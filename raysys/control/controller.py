@@ -24,6 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from raysys.control import metrics
 from raysys.control.decisions import Decision, Noop, Rebalance, Replace, Scale, describe
+from raysys.control.snapshot import NodeView, PartnerView, Snapshot, WorkerView
 from raysys.data.sampler import partner_batch_sizes
 from raysys.data.sources import DataError, check_schema_agreement
 from raysys.spec import JobSpec, node_matches
@@ -155,6 +156,38 @@ class JobController:
                  "pid": m.info.pid if m.info else None,
                  "step_time_s": m.recent_step_s, "local_batch": m.local_batch, "share": m.share}
                 for m in self.group.members.values()]
+
+    def snapshot(self) -> Snapshot:
+        """This instant as a policy sees it: the same Snapshot the simulator produces."""
+        now = time.time()
+        s = self.spec
+        workers = [WorkerView(m.id, m.partner, m.info.node_id if m.info else "",
+                              m.recent_step_s, m.local_batch, m.state is MemberState.ACTIVE)
+                   for m in self.group.members.values()
+                   if m.state is MemberState.ACTIVE or (m.died and now - m.t_gone < 60)]
+        partners = [PartnerView(p.name, len(self.group.active(p.name)), p.workers.min,
+                                p.workers.max, self.batch_sizes.get(p.name, 0))
+                    for p in s.partners]
+        free = ray._private.state.available_resources_per_node()  # no public per-node view
+        nodes = [NodeView(n["NodeID"], dict(n.get("Labels") or {}),
+                          float(n["Resources"].get("CPU", 0.0)),
+                          float(free.get(n["NodeID"], {}).get("CPU", 0.0)))
+                 for n in ray.nodes() if n["Alive"]]
+        last = self.rescales[-1] if self.rescales else None
+        return Snapshot(
+            time_s=now - self.t_start, step=self.step,
+            samples_done=sum(c.samples for c in self.counters.values()),
+            samples_total=s.steps * s.global_batch_size, workers=workers, partners=partners,
+            nodes=nodes, cpus_per_worker={p.name: p.cpus_per_worker for p in s.partners},
+            placement={p.name: dict(p.placement) for p in s.partners},
+            last_rescale_time_s=(last.t_ready - self.t_start) if last and last.t_ready else None,
+            last_rescale_cost_s=(last.latency_s or 0.0) if last else 0.0,
+            recent_failures=sum(1 for m in self.group.members.values()
+                                if m.died and now - m.t_gone < 60),
+            actions_last_minute=sum(1 for e in self.rescales
+                                    if e.kind != "recovery" and now - e.t_decision < 60),
+            step_time_s=self._mean_step_time(), throughput=self._throughput(),
+        )
 
     def step_timings(self) -> list[tuple[int, float, float]]:
         """(step, step time, sync time) of recent steps, as `raysys profile` records them."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -57,6 +58,7 @@ class Member:
     recent_step_s: float = 0.0  # last measured step time (compute + sync)
     local_batch: int = 0
     died: bool = False
+    t_gone: float = 0.0  # when it was retired or found dead
 
 
 class GroupError(RuntimeError):
@@ -160,6 +162,7 @@ class ElasticGroup:
     def _retire(self, m: Member, died: bool) -> None:
         m.state = MemberState.GONE
         m.died = died
+        m.t_gone = time.time()
         if died:
             metrics.FAILURES.inc(tags={"job": self.spec.name, "partner": m.partner})
         with contextlib.suppress(Exception):  # already dead: nothing to release
