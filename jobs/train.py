@@ -12,7 +12,7 @@ import sys
 import ray
 
 from raysys.data.sources import DataError
-from raysys.runner import run_job
+from raysys.runner import NAMESPACE, run_job
 from raysys.spec import load_spec
 from raysys.yamlio import ConfigError
 
@@ -25,7 +25,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         spec = load_spec(args.config)
-        ray.init(address="auto", log_to_driver=False)
+        ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
         run_job(spec, resume=args.resume, summary_path=args.summary)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -56,6 +56,28 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    import ray
+
+    from raysys import chaos
+    from raysys.runner import NAMESPACE
+
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False)
+    try:
+        if args.chaos_cmd == "slow":
+            chaos.slow(args.job, args.worker, args.factor)
+            print(f"{args.worker} of job {args.job} now computes {args.factor:g}x slower")
+        else:
+            chaos.kill(args.job, args.worker)
+            print(f"killed {args.worker} of job {args.job}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -102,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default="runs/profile.csv")
     prof.add_argument("--address", default=None)
     prof.set_defaults(func=_cmd_profile)
+
+    chaos = sub.add_parser("chaos", help="fault injection for testing (slow or kill a worker)")
+    chaos_sub = chaos.add_subparsers(dest="chaos_cmd", required=True)
+    slow = chaos_sub.add_parser("slow", help="make a worker FACTOR times slower")
+    slow.add_argument("worker", help="<partner>/<index>, e.g. beta/1")
+    slow.add_argument("factor", type=float)
+    kill = chaos_sub.add_parser("kill", help="kill a worker as a crash would")
+    kill.add_argument("worker")
+    for p in (slow, kill):
+        p.add_argument("--job", required=True, help="job name")
+        p.add_argument("--address", default=None)
+        p.set_defaults(func=_cmd_chaos)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
     demo = data.add_parser("demo", help="write the digits demo split (no download)")

@@ -24,6 +24,9 @@ from raysys.spec import JobSpec, check_against_cluster
 from raysys.yamlio import ConfigError
 
 console = Console(stderr=False, highlight=False)
+# Every raysys driver joins this namespace, so a job's actors (raysys:<job>:...) can be found by
+# name from another shell: `raysys chaos`, dashboards, operators.
+NAMESPACE = "raysys"
 
 
 @dataclass
@@ -66,10 +69,10 @@ def connect(spec: JobSpec, address: str | None) -> LocalCluster | None:
     """Join the given/ambient cluster, or start a local labelled one when there is none."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         return None
     local = LocalCluster.for_spec(spec, metrics_port=spec.runtime.metrics_export_port)
-    ray.init(address=local.address, log_to_driver=False)
+    ray.init(address=local.address, namespace=NAMESPACE, log_to_driver=False)
     return local
 
 
@@ -79,6 +82,7 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
     from raysys.control.controller import RemoteJobController
 
     check_against_cluster(spec, ray.nodes())
+    _wait_until_name_free(f"raysys:{spec.name}:controller")
     controller = RemoteJobController.options(name=f"raysys:{spec.name}:controller").remote(
         spec.model_dump(), resume
     )
@@ -125,6 +129,21 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
     if not quiet:
         print_summary(summary)
     return summary
+
+
+def _wait_until_name_free(name: str, timeout_s: float = 15.0) -> None:
+    """A job of this name may still be winding down (e.g. its driver was just killed and Ray is
+    reaping its actors); a second live job of the same name is an error."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        if time.time() > deadline:
+            raise ConfigError(f"name: a job named '{name.split(':')[1]}' is already running in "
+                              f"this cluster (actor {name}); choose another job name")
+        time.sleep(0.2)
 
 
 def _agent_history(agent_done: ray.ObjectRef) -> list[dict]:
