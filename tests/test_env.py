@@ -86,3 +86,15 @@ def test_reset_with_a_seed_is_deterministic() -> None:
 def test_rejects_scenarios_with_more_partners_than_the_layout() -> None:
     with pytest.raises(ValueError, match="more than 1 partners"):
         ClusterEnv({"scenarios": [tiny()], "max_partners": 1})
+
+
+def test_progress_shaping_shifts_the_return_by_a_constant() -> None:
+    env = make_env(progress_shaping=True)
+    obs, info = env.reset(seed=4, options={"scenario_index": 0})
+    total, done = 0.0, False
+    while not done:
+        obs, reward, done, _, info = env.step(0)
+        total += reward
+    sim = env.sim
+    kappa = (1 + sim.cost_per_worker_second * sim.initial_workers) / sim.initial_rate
+    assert total == pytest.approx(-info["score"] + kappa * sim.samples_total, rel=1e-9)

@@ -23,8 +23,10 @@ from raysys.agent.scenarios import scenario_from_dict
 EVENTFUL = base_scenario(
     name="eventful",
     episode={"samples": 150_000, "observation_noise": 0.03},
-    random_events=[{"kind": "stragglers", "rate_per_hour": 20},
-                   {"kind": "worker_failures", "rate_per_hour": 3}],
+    random_events=[
+        {"kind": "stragglers", "rate_per_hour": 20},
+        {"kind": "worker_failures", "rate_per_hour": 3},
+    ],
 )
 BUILDERS = {name: default_builder(name) for name in ("static", "threshold", "goodput")}
 
@@ -42,8 +44,10 @@ def test_evaluator_is_deterministic_by_seed() -> None:
 
 def test_parallel_evaluation_gives_the_same_results() -> None:
     scenarios = [scenario_from_dict(EVENTFUL)]
-    assert evaluate(scenarios, BUILDERS, [0, 1], jobs=2).episodes == evaluate(
-        scenarios, BUILDERS, [0, 1], jobs=1).episodes
+    assert (
+        evaluate(scenarios, BUILDERS, [0, 1], jobs=2).episodes
+        == evaluate(scenarios, BUILDERS, [0, 1], jobs=1).episodes
+    )
 
 
 def test_oracle_static_is_the_best_fixed_allocation() -> None:
@@ -79,16 +83,34 @@ def test_cli_eval_prints_a_table_and_writes_json(tmp_path, capsys) -> None:
     folder.mkdir()
     (folder / "eventful.yaml").write_text(yaml.safe_dump(EVENTFUL))
     out = tmp_path / "eval.json"
-    code = main(["agent", "eval", "--scenarios", str(folder), "--policies",
-                 "static,threshold,goodput,tabularq", "--seeds", "2", "--json", str(out),
-                 "--tabular-episodes", "10"])
+    code = main(
+        [
+            "agent",
+            "eval",
+            "--scenarios",
+            str(folder),
+            "--policies",
+            "static,threshold,goodput,tabularq",
+            "--seeds",
+            "2",
+            "--json",
+            str(out),
+            "--tabular-episodes",
+            "10",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "eventful" in printed and "oracle-static" in printed and "tabularq" in printed
     data = json.loads(out.read_text())
     assert len(data["episodes"]) == 2 * 5
-    assert {r["policy"] for r in data["summary"]} == {ORACLE, "static", "threshold", "goodput",
-                                                      "tabularq"}
+    assert {r["policy"] for r in data["summary"]} == {
+        ORACLE,
+        "static",
+        "threshold",
+        "goodput",
+        "tabularq",
+    }
 
 
 def test_cli_eval_reports_a_broken_scenario(tmp_path, capsys) -> None:

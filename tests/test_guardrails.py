@@ -36,12 +36,35 @@ def snapshots(draw) -> Snapshot:
         cpus[name] = draw(st.sampled_from([0.5, 1.0, 2.0]))
         placement[name] = draw(st.sampled_from([{}, *({"site": s} for s in SITES)]))
         for k in range(live + draw(st.integers(0, 1))):
-            workers.append(WorkerView(f"{name}/{k}", name, draw(st.sampled_from(nodes)).id,
-                                      draw(st.floats(0, 5)), draw(st.integers(1, 64)), k < live))
+            workers.append(
+                WorkerView(
+                    f"{name}/{k}",
+                    name,
+                    draw(st.sampled_from(nodes)).id,
+                    draw(st.floats(0, 5)),
+                    draw(st.integers(1, 64)),
+                    k < live,
+                )
+            )
     time_s = draw(st.floats(0, 1000))
     last = draw(st.one_of(st.none(), st.floats(0, time_s)))
-    return Snapshot(time_s, 0, 0, 1000, workers, partners, nodes, cpus, placement, last, 0.0, 0,
-                    draw(st.integers(0, 6)), 1.0, 1.0)
+    return Snapshot(
+        time_s,
+        0,
+        0,
+        1000,
+        workers,
+        partners,
+        nodes,
+        cpus,
+        placement,
+        last,
+        0.0,
+        0,
+        draw(st.integers(0, 6)),
+        1.0,
+        1.0,
+    )
 
 
 @st.composite
@@ -50,12 +73,14 @@ def decisions(draw, snap: Snapshot):
     worker = st.sampled_from([w.id for w in snap.workers] + ["ghost/9"])
     node = st.sampled_from([None, "ghost", *(n.id for n in snap.nodes)])
     share = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 50))
-    return draw(st.one_of(
-        st.just(NOOP),
-        st.builds(Scale, partner, st.integers(-10, 10)),
-        st.builds(Replace, worker, node),
-        st.builds(Rebalance, partner, st.dictionaries(worker, share, max_size=6)),
-    ))
+    return draw(
+        st.one_of(
+            st.just(NOOP),
+            st.builds(Scale, partner, st.integers(-10, 10)),
+            st.builds(Replace, worker, node),
+            st.builds(Rebalance, partner, st.dictionaries(worker, share, max_size=6)),
+        )
+    )
 
 
 @st.composite
@@ -69,7 +94,8 @@ def check_safe(decision, snap: Snapshot, config: GuardrailConfig = CONFIG) -> No
     if isinstance(decision, Noop):
         return
     assert snap.last_rescale_time_s is None or (
-        snap.time_s - snap.last_rescale_time_s >= config.cooldown_s)
+        snap.time_s - snap.last_rescale_time_s >= config.cooldown_s
+    )
     assert snap.actions_last_minute < config.max_actions_per_minute
     if isinstance(decision, Scale):
         p = snap.partner(decision.partner)
@@ -127,8 +153,23 @@ def test_mask_allows_exactly_what_filter_lets_through(snap: Snapshot) -> None:
 
 
 def test_cooldown_and_rate_limit_turn_decisions_into_noop() -> None:
-    snap = Snapshot(100.0, 0, 0, 10, [], [PartnerView("a", 1, 1, 4, 8)],
-                    [NodeView("n", {}, 8, 8)], {"a": 1.0}, {"a": {}}, 80.0, 1.0, 0, 0, 1.0, 1.0)
+    snap = Snapshot(
+        100.0,
+        0,
+        0,
+        10,
+        [],
+        [PartnerView("a", 1, 1, 4, 8)],
+        [NodeView("n", {}, 8, 8)],
+        {"a": 1.0},
+        {"a": {}},
+        80.0,
+        1.0,
+        0,
+        0,
+        1.0,
+        1.0,
+    )
     guard = Guardrails(GuardrailConfig(cooldown_s=30, max_actions_per_minute=2))
     assert guard.filter(Scale("a", 1), snap) == NOOP  # 20 s after a rescale
     snap.last_rescale_time_s = 60.0
@@ -139,8 +180,23 @@ def test_cooldown_and_rate_limit_turn_decisions_into_noop() -> None:
 
 def test_straggler_ratio_only_lets_slow_workers_be_replaced() -> None:
     workers = [WorkerView(f"a/{i}", "a", "n", t, 8, True) for i, t in enumerate([1.0, 1.1, 3.0])]
-    snap = Snapshot(100.0, 0, 0, 10, workers, [PartnerView("a", 3, 1, 4, 24)],
-                    [NodeView("n", {}, 8, 4)], {"a": 1.0}, {"a": {}}, None, 0, 0, 0, 3.0, 1.0)
+    snap = Snapshot(
+        100.0,
+        0,
+        0,
+        10,
+        workers,
+        [PartnerView("a", 3, 1, 4, 24)],
+        [NodeView("n", {}, 8, 4)],
+        {"a": 1.0},
+        {"a": {}},
+        None,
+        0,
+        0,
+        0,
+        3.0,
+        1.0,
+    )
     guard = Guardrails(GuardrailConfig(straggler_ratio=2.0))
     assert guard.filter(Replace("a/2"), snap) == Replace("a/2")
     assert guard.filter(Replace("a/1"), snap) == NOOP
@@ -149,9 +205,12 @@ def test_straggler_ratio_only_lets_slow_workers_be_replaced() -> None:
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.lists(st.integers(0, 16), min_size=40, max_size=120))
 def test_random_policy_through_guardrails_keeps_the_simulated_job_in_bounds(seed, actions):
-    data = base_scenario(random_events=[
-        {"kind": "worker_failures", "rate_per_hour": 30},
-        {"kind": "contention", "rate_per_hour": 30, "cpus": [1, 4], "duration_s": [30, 200]}])
+    data = base_scenario(
+        random_events=[
+            {"kind": "worker_failures", "rate_per_hour": 30},
+            {"kind": "contention", "rate_per_hour": 30, "cpus": [1, 4], "duration_s": [30, 200]},
+        ]
+    )
     data["guardrails"] = {"cooldown_s": 0, "max_actions_per_minute": 60}
     sim = Simulator(scenario_from_dict(data), seed=seed)
     guard, space = Guardrails(sim.scenario.spec.guardrails), ActionSpace(4)

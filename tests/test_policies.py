@@ -29,7 +29,8 @@ STRAGGLER = base_scenario(
 
 def test_registry_has_the_baselines_and_a_hook_for_more() -> None:
     assert {"static", "threshold", "goodput", "oracle-static", "tabularq"} <= set(
-        available_policies())
+        available_policies()
+    )
     with pytest.raises(KeyError, match="unknown policy"):
         make_policy("nope")
 
@@ -55,11 +56,24 @@ def test_static_never_acts_and_oracle_static_walks_to_its_allocation() -> None:
 
 
 def test_threshold_scales_up_an_efficient_compute_bound_job() -> None:
-    data = base_scenario(partners=[
-        {"name": "alpha", "batch_share": 512, "workers": 1, "max_workers": 6,
-         "placement": {"site": "a"}},
-        {"name": "beta", "batch_share": 512, "workers": 1, "max_workers": 6,
-         "placement": {"site": "b"}}])
+    data = base_scenario(
+        partners=[
+            {
+                "name": "alpha",
+                "batch_share": 512,
+                "workers": 1,
+                "max_workers": 6,
+                "placement": {"site": "a"},
+            },
+            {
+                "name": "beta",
+                "batch_share": 512,
+                "workers": 1,
+                "max_workers": 6,
+                "placement": {"site": "b"},
+            },
+        ]
+    )
     scenario = scenario_from_dict(data)
     static = run_episode(scenario, make_policy("static"), seed=0)
     threshold = run_episode(scenario, make_policy("threshold"), seed=0)
@@ -108,8 +122,10 @@ def test_action_space_decodes_and_encodes() -> None:
     assert space.decode(space.index(1, PartnerAction.SCALE_DOWN), snap) == Scale("beta", -1)
     assert space.decode(space.index(0, PartnerAction.REPLACE_SLOWEST), snap) == Replace("alpha/0")
     rebalance = space.decode(space.index(0, PartnerAction.REBALANCE), snap)
-    assert isinstance(rebalance, Rebalance) and rebalance.split["alpha/1"] > 3 * rebalance.split[
-        "alpha/0"]
+    assert (
+        isinstance(rebalance, Rebalance)
+        and rebalance.split["alpha/1"] > 3 * rebalance.split["alpha/0"]
+    )
     assert space.decode(space.index(3, PartnerAction.SCALE_UP), snap) == NOOP  # no 4th partner
     for index in range(space.n):
         decision = space.decode(index, snap)
@@ -120,9 +136,13 @@ def test_action_space_decodes_and_encodes() -> None:
 def scaled_snapshot(snap: Snapshot, factor: float) -> Snapshot:
     """The same job running `factor` times slower (all durations x factor)."""
     workers = [dataclasses.replace(w, step_time_s=w.step_time_s * factor) for w in snap.workers]
-    return dataclasses.replace(snap, workers=workers, step_time_s=snap.step_time_s * factor,
-                               throughput=snap.throughput / factor,
-                               last_rescale_cost_s=snap.last_rescale_cost_s * factor)
+    return dataclasses.replace(
+        snap,
+        workers=workers,
+        step_time_s=snap.step_time_s * factor,
+        throughput=snap.throughput / factor,
+        last_rescale_cost_s=snap.last_rescale_cost_s * factor,
+    )
 
 
 def test_featurize_is_fixed_size_bounded_and_speed_invariant() -> None:
@@ -134,8 +154,9 @@ def test_featurize_is_fixed_size_bounded_and_speed_invariant() -> None:
     layout = FeatureLayout()
     assert features.shape == (layout.size,) and features.dtype == np.float32
     assert features.min() >= 0 and features.max() <= FEATURE_MAX
-    np.testing.assert_allclose(featurize(scaled_snapshot(snap, 10.0), cost_per_worker_second=0.02),
-                               features, rtol=1e-5)
+    np.testing.assert_allclose(
+        featurize(scaled_snapshot(snap, 10.0), cost_per_worker_second=0.02), features, rtol=1e-5
+    )
     # The straggler is alpha's slowest worker: first worker slot, 4x its partner's median.
     slowest = features[layout.worker_index(0, 0, "relative_time")]
     assert slowest > 2.5
@@ -146,14 +167,14 @@ def test_featurize_is_fixed_size_bounded_and_speed_invariant() -> None:
 def test_tabular_q_trains_saves_loads_and_decides_safely(tmp_path) -> None:
     scenario = scenario_from_dict(STRAGGLER)
     scores: list[float] = []
-    table = train_tabular_q([scenario], TabularQConfig(episodes=20, seed=1),
-                            on_episode=lambda _, s: scores.append(s))
+    table = train_tabular_q(
+        [scenario], TabularQConfig(episodes=20, seed=1), on_episode=lambda _, s: scores.append(s)
+    )
     assert len(scores) == 20 and len(table.values) > 3
     path = table.save(tmp_path / "q.json")
     loaded = QTable.load(path)
     assert set(loaded.values) == set(table.values)
-    policy = TabularQPolicy(path, guardrails=scenario.spec.guardrails,
-                            cost_per_worker_second=0.02)
+    policy = TabularQPolicy(path, guardrails=scenario.spec.guardrails, cost_per_worker_second=0.02)
     # It only ever picks actions the guardrails allow, so none is turned into Noop.
     sim, guard = Simulator(scenario, seed=3), Guardrails(scenario.spec.guardrails)
     while not sim.done:

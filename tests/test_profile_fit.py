@@ -16,10 +16,29 @@ from raysys.agent.profile_fit import (
     write_profile_csv,
 )
 
-TRUE = StepTimeModel(alpha_c=0.02, beta_c=0.0015, alpha_r=0.03, beta_r=0.004, alpha_n=0.12,
-                     beta_n=0.006, gamma=1.8)
-PLACEMENTS = ["1", "2", "3", "4", "11", "12", "22", "13", "111", "112", "222", "1111", "1122",
-              "2222", "11111", "123", "44", "444"]
+TRUE = StepTimeModel(
+    alpha_c=0.02, beta_c=0.0015, alpha_r=0.03, beta_r=0.004, alpha_n=0.12, beta_n=0.006, gamma=1.8
+)
+PLACEMENTS = [
+    "1",
+    "2",
+    "3",
+    "4",
+    "11",
+    "12",
+    "22",
+    "13",
+    "111",
+    "112",
+    "222",
+    "1111",
+    "1122",
+    "2222",
+    "11111",
+    "123",
+    "44",
+    "444",
+]
 
 
 def synthetic_rows(model: StepTimeModel, noise: float = 0.0, seed: int = 0) -> list[tuple]:
@@ -32,8 +51,14 @@ def synthetic_rows(model: StepTimeModel, noise: float = 0.0, seed: int = 0) -> l
             compute = model.compute_time(batch) * float(np.exp(rng.normal(0, noise)))
             step = model.combine(compute, model.sync_time(workers, nodes))
             step *= float(np.exp(rng.normal(0, noise)))
-            rows.append({"placement": placement, "local_bsz": batch, "step_time": step,
-                         "sync_time": max(step - compute, 0.0)})
+            rows.append(
+                {
+                    "placement": placement,
+                    "local_bsz": batch,
+                    "step_time": step,
+                    "sync_time": max(step - compute, 0.0),
+                }
+            )
     return rows
 
 

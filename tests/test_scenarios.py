@@ -20,9 +20,16 @@ def test_the_suite_covers_the_required_situations() -> None:
     assert len(SHIPPED_FILES) >= 12
     specs = [load_model(Scenario, f) for f in SHIPPED_FILES]
     kinds = {e.kind for s in specs for e in s.events} | {
-        r.kind for s in specs for r in s.random_events}
-    assert {"contention", "straggler", "node_failure", "node_join", "stragglers",
-            "worker_failures"} <= kinds
+        r.kind for s in specs for r in s.random_events
+    }
+    assert {
+        "contention",
+        "straggler",
+        "node_failure",
+        "node_join",
+        "stragglers",
+        "worker_failures",
+    } <= kinds
     assert {s.profile.trace for s in specs} >= {"cifar10", "bert", "imagenet"}
     assert any(s.profile.parametric is not None for s in specs)
     assert len({s.name for s in specs}) == len(specs)
@@ -36,13 +43,19 @@ def test_every_shipped_scenario_loads_and_runs(path: Path) -> None:
     sim = Simulator(scenario, seed=0)
     sim.run_to_end()
     assert sim.finished, "the initial allocation must finish within max_time_s"
-    result = run_episode(scenario, make_policy(
-        "goodput", cost_per_worker_second=scenario.spec.objective.cost_per_worker_second), seed=0)
+    result = run_episode(
+        scenario,
+        make_policy(
+            "goodput", cost_per_worker_second=scenario.spec.objective.cost_per_worker_second
+        ),
+        seed=0,
+    )
     assert result.decisions > 50 and result.score > 0
 
 
 BROKEN = {
-    "bounds": ("""\
+    "bounds": (
+        """\
 name: broken
 profile: {parametric: {a: 0.02, b: 0.001, c: 0.05}}
 episode: {samples: 1000}
@@ -55,8 +68,11 @@ partners:
     max_workers: 4
 nodes:
   - {id: n, cpus: 8}
-""", ":7: partners.1: need min_workers <= workers <= max_workers"),
-    "typo": ("""\
+""",
+        ":7: partners.1: need min_workers <= workers <= max_workers",
+    ),
+    "typo": (
+        """\
 name: broken
 profile: {parametric: {a: 0.02, b: 0.001, c: 0.05}}
 episode:
@@ -67,8 +83,11 @@ partners:
   - {name: alpha, batch_share: 64, workers: 1, max_workers: 4}
 nodes:
   - {id: n, cpus: 8}
-""", ":5: episode.intervall_s: unknown key"),
-    "event": ("""\
+""",
+        ":5: episode.intervall_s: unknown key",
+    ),
+    "event": (
+        """\
 name: broken
 profile: {parametric: {a: 0.02, b: 0.001, c: 0.05}}
 episode: {samples: 1000}
@@ -80,8 +99,11 @@ nodes:
 events:
   - {kind: straggler, at: 10, node: n, factor: 2}
   - {kind: straggler, at: 20, node: n, factor: 0.5}
-""", ":11: events.1.straggler.factor: Input should be greater than 1"),
-    "trace": ("""\
+""",
+        ":11: events.1.straggler.factor: Input should be greater than 1",
+    ),
+    "trace": (
+        """\
 name: broken
 profile:
   trace: no-such-trace
@@ -91,8 +113,11 @@ partners:
   - {name: alpha, batch_share: 64, workers: 1, max_workers: 4}
 nodes:
   - {id: n, cpus: 8}
-""", ":3: profile.trace: trace 'no-such-trace' not found"),
-    "capacity": ("""\
+""",
+        ":3: profile.trace: trace 'no-such-trace' not found",
+    ),
+    "capacity": (
+        """\
 name: broken
 profile: {parametric: {a: 0.02, b: 0.001, c: 0.05}}
 episode: {samples: 1000}
@@ -102,7 +127,9 @@ partners:
      placement: {site: x}}
 nodes:
   - {id: n, cpus: 8, labels: {site: y}}
-""", ":1: <top level>: partner alpha: placement {'site': 'x'} fits 0 workers"),
+""",
+        ":1: <top level>: partner alpha: placement {'site': 'x'} fits 0 workers",
+    ),
 }
 
 

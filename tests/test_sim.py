@@ -17,8 +17,10 @@ def expected_step(sim: Simulator, local_batches: list[int], slowdowns: list[floa
     model = sim.model
     hosts = len({w.node for w in sim.workers.values()})
     sync = model.sync_time(len(sim.workers), hosts)
-    return max(model.combine(model.compute_time(b) * s, sync)
-               for b, s in zip(local_batches, slowdowns, strict=True))
+    return max(
+        model.combine(model.compute_time(b) * s, sync)
+        for b, s in zip(local_batches, slowdowns, strict=True)
+    )
 
 
 def test_step_time_is_the_slowest_worker_of_the_pollux_model() -> None:
@@ -106,8 +108,10 @@ def test_failure_below_minimum_is_restored_by_the_controller() -> None:
 
 def test_job_blocks_without_capacity_and_is_charged_when_cut() -> None:
     data = base_scenario(
-        nodes=[{"id": "a", "cpus": 4, "labels": {"site": "a"}},
-               {"id": "b", "cpus": 4, "labels": {"site": "b"}}],
+        nodes=[
+            {"id": "a", "cpus": 4, "labels": {"site": "a"}},
+            {"id": "b", "cpus": 4, "labels": {"site": "b"}},
+        ],
         events=[{"kind": "node_failure", "at": 30, "node": "b"}],
         episode={"samples": 200_000, "max_time_s": 600, "observation_noise": 0.0},
     )
@@ -124,10 +128,17 @@ def test_job_blocks_without_capacity_and_is_charged_when_cut() -> None:
 
 def test_node_join_adds_capacity() -> None:
     data = base_scenario(
-        nodes=[{"id": "a", "cpus": 2, "labels": {"site": "a"}},
-               {"id": "b", "cpus": 1, "labels": {"site": "b"}}],
-        events=[{"kind": "node_join", "at": 50,
-                 "node": {"id": "b-new", "cpus": 4, "labels": {"site": "b"}}}],
+        nodes=[
+            {"id": "a", "cpus": 2, "labels": {"site": "a"}},
+            {"id": "b", "cpus": 1, "labels": {"site": "b"}},
+        ],
+        events=[
+            {
+                "kind": "node_join",
+                "at": 50,
+                "node": {"id": "b-new", "cpus": 4, "labels": {"site": "b"}},
+            }
+        ],
     )
     sim = Simulator(scenario_from_dict(data))
     assert not sim.apply(Scale("beta", +1))  # no free CPU on b
@@ -175,10 +186,13 @@ def test_scaling_never_exceeds_capacity_or_bounds() -> None:
 
 
 def test_rebalance_moves_samples_to_fast_workers() -> None:
-    data = base_scenario(nodes=[
-        {"id": "a-fast", "cpus": 1, "speed": 2.0, "labels": {"site": "a"}},
-        {"id": "a-slow", "cpus": 1, "speed": 1.0, "labels": {"site": "a"}},
-        {"id": "b", "cpus": 4, "labels": {"site": "b"}}])
+    data = base_scenario(
+        nodes=[
+            {"id": "a-fast", "cpus": 1, "speed": 2.0, "labels": {"site": "a"}},
+            {"id": "a-slow", "cpus": 1, "speed": 1.0, "labels": {"site": "a"}},
+            {"id": "b", "cpus": 4, "labels": {"site": "b"}},
+        ]
+    )
     data["partners"][1]["batch_share"] = 16  # so that alpha's slow worker sets the pace
     sim = Simulator(scenario_from_dict(data))
     before = sim.step_time_s
@@ -191,9 +205,12 @@ def test_rebalance_moves_samples_to_fast_workers() -> None:
 
 def test_same_seed_same_episode_other_seed_other_events() -> None:
     data = base_scenario(
-        random_events=[{"kind": "stragglers", "rate_per_hour": 40},
-                       {"kind": "worker_failures", "rate_per_hour": 4}],
-        episode={"samples": 200_000, "observation_noise": 0.05})
+        random_events=[
+            {"kind": "stragglers", "rate_per_hour": 40},
+            {"kind": "worker_failures", "rate_per_hour": 4},
+        ],
+        episode={"samples": 200_000, "observation_noise": 0.05},
+    )
 
     def run(seed: int) -> tuple:
         sim = Simulator(scenario_from_dict(data), seed=seed)

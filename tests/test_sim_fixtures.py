@@ -26,10 +26,20 @@ def base_scenario(**overrides) -> dict:
         "episode": {"samples": 200_000, "interval_s": 10, "observation_noise": 0.0},
         "objective": {"cost_per_worker_second": 0.02},
         "partners": [
-            {"name": "alpha", "batch_share": 128, "workers": 2, "max_workers": 6,
-             "placement": {"site": "a"}},
-            {"name": "beta", "batch_share": 64, "workers": 1, "max_workers": 4,
-             "placement": {"site": "b"}},
+            {
+                "name": "alpha",
+                "batch_share": 128,
+                "workers": 2,
+                "max_workers": 6,
+                "placement": {"site": "a"},
+            },
+            {
+                "name": "beta",
+                "batch_share": 64,
+                "workers": 1,
+                "max_workers": 4,
+                "placement": {"site": "b"},
+            },
         ],
         "nodes": [
             {"id": "a", "count": 2, "cpus": 4, "labels": {"site": "a"}},

@@ -53,23 +53,39 @@ class FeatureLayout:
 
     @property
     def size(self) -> int:
-        per_partner = len(PARTNER_FEATURES) + self.max_workers_per_partner * len(WORKER_FEATURES)
-        return len(GLOBAL_FEATURES) + self.max_partners * per_partner
+        return len(GLOBAL_FEATURES) + self.max_partners * self.per_partner
+
+    @property
+    def per_partner(self) -> int:
+        return len(PARTNER_FEATURES) + self.max_workers_per_partner * len(WORKER_FEATURES)
 
     def global_index(self, name: str) -> int:
-        return GLOBAL_FEATURES.index(name)
+        return _GLOBAL_OFFSET[name]
 
     def partner_index(self, slot: int, name: str) -> int:
-        per_partner = len(PARTNER_FEATURES) + self.max_workers_per_partner * len(WORKER_FEATURES)
-        return len(GLOBAL_FEATURES) + slot * per_partner + PARTNER_FEATURES.index(name)
+        return len(GLOBAL_FEATURES) + slot * self.per_partner + _PARTNER_OFFSET[name]
 
     def worker_index(self, slot: int, worker: int, name: str) -> int:
-        base = self.partner_index(slot, PARTNER_FEATURES[0]) + len(PARTNER_FEATURES)
-        return base + worker * len(WORKER_FEATURES) + WORKER_FEATURES.index(name)
+        base = len(GLOBAL_FEATURES) + slot * self.per_partner + len(PARTNER_FEATURES)
+        return base + worker * len(WORKER_FEATURES) + _WORKER_OFFSET[name]
+
+
+_GLOBAL_OFFSET = {name: i for i, name in enumerate(GLOBAL_FEATURES)}
+_PARTNER_OFFSET = {name: i for i, name in enumerate(PARTNER_FEATURES)}
+_WORKER_OFFSET = {name: i for i, name in enumerate(WORKER_FEATURES)}
 
 
 def _ratio(num: float, den: float, default: float = 1.0) -> float:
     return num / den if den > 0 and num > 0 else default
+
+
+def _median(values: list[float]) -> float:
+    """Median of measured (> 0) values, 0 when none; the same rule as Snapshot.median_step_time."""
+    xs = sorted(v for v in values if v > 0)
+    if not xs:
+        return 0.0
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
 def featurize(
@@ -85,9 +101,13 @@ def featurize(
     needs to weigh speed against workers held.
     """
     layout = FeatureLayout(max_partners, max_workers_per_partner)
-    out = np.zeros(layout.size, dtype=np.float32)
-    live = [w for w in snapshot.workers if w.alive]
-    median_all = snapshot.median_step_time()
+    out = [0.0] * layout.size
+    by_partner: dict[str, list] = {p.name: [] for p in snapshot.partners}
+    for w in snapshot.workers:
+        if w.alive and w.partner in by_partner:
+            by_partner[w.partner].append(w)
+    live = sum(len(ws) for ws in by_partner.values())
+    median_all = _median([w.step_time_s for ws in by_partner.values() for w in ws])
     total_cpus = sum(n.total_cpus for n in snapshot.nodes)
     max_total = sum(p.max_workers for p in snapshot.partners)
     since = (
@@ -103,19 +123,17 @@ def featurize(
         snapshot.actions_last_minute / 10.0,
         _ratio(sum(n.free_cpus for n in snapshot.nodes), total_cpus, 0.0),
         _ratio(snapshot.step_time_s, median_all),
-        _ratio(len(live), max_total, 0.0),
-        cost_per_worker_second * len(live),
+        _ratio(live, max_total, 0.0),
+        cost_per_worker_second * live,
     )
     global_batch = snapshot.global_batch
+    per_partner = len(PARTNER_FEATURES) + max_workers_per_partner * len(WORKER_FEATURES)
     for slot, partner in enumerate(snapshot.partners[:max_partners]):
-        mine = sorted(
-            (w for w in live if w.partner == partner.name),
-            key=lambda w: (-w.step_time_s, w.id),
-        )
-        median = snapshot.median_step_time(partner.name)
+        mine = sorted(by_partner[partner.name], key=lambda w: (-w.step_time_s, w.id))
+        median = _median([w.step_time_s for w in mine])
         speeds = [w.local_batch / w.step_time_s for w in mine if w.step_time_s > 0]
         span = partner.max_workers - partner.min_workers
-        base = layout.partner_index(slot, PARTNER_FEATURES[0])
+        base = len(GLOBAL_FEATURES) + slot * per_partner
         out[base : base + len(PARTNER_FEATURES)] = (
             1.0,
             _ratio(partner.workers, partner.max_workers, 0.0),
@@ -128,12 +146,12 @@ def featurize(
             1.0 if partner.workers < partner.min_workers else 0.0,
         )
         equal_share = partner.batch_share / max(len(mine), 1)
-        for k, worker in enumerate(mine[:max_workers_per_partner]):
-            i = layout.worker_index(slot, k, WORKER_FEATURES[0])
+        i = base + len(PARTNER_FEATURES)
+        for worker in mine[:max_workers_per_partner]:
             out[i : i + len(WORKER_FEATURES)] = (
                 1.0,
                 _ratio(worker.step_time_s, median),
                 worker.local_batch / equal_share,
             )
-    np.clip(out, 0.0, FEATURE_MAX, out=out)
-    return out
+            i += len(WORKER_FEATURES)
+    return np.clip(np.array(out, dtype=np.float32), 0.0, FEATURE_MAX)

@@ -7,7 +7,7 @@ with that paper and the profiles `raysys profile` writes for our own live system
     sync(n, k)   = 0                                           if n == 1
                  = alpha_r + beta_r * max(n - 2, 0)            if k == 1 (all n workers on one node)
                  = alpha_n + beta_n * max(n - 2, 0)            if k > 1  (the ring crosses nodes)
-    step(b,n,k)  = (compute^gamma + sync^gamma) ^ (1 / gamma)  (gamma >= 1: how much the two overlap)
+    step(b,n,k)  = (compute^gamma + sync^gamma) ^ (1 / gamma)  (gamma >= 1: how much they overlap)
 
 Profiles are CSV files in the Pollux `placements.csv` format: placement (replicas per node as
 digits, e.g. ``1124``), local_bsz, step_time, sync_time. step_time - sync_time is the compute part.
@@ -54,8 +54,9 @@ class StepTimeModel:
         d_local: float | None = None,
     ) -> StepTimeModel:
         """compute = a + b*batch; sync = c + d*(n-2)+ across nodes (c_local/d_local within one)."""
-        return cls(a, b, c if c_local is None else c_local, d if d_local is None else d_local, c, d,
-                   gamma)
+        return cls(
+            a, b, c if c_local is None else c_local, d if d_local is None else d_local, c, d, gamma
+        )
 
     def compute_time(self, local_batch: float) -> float:
         return self.alpha_c + self.beta_c * local_batch
@@ -82,17 +83,24 @@ class StepTimeModel:
         """Vectorised step_time over arrays of rows."""
         compute = self.alpha_c + self.beta_c * local_bsz
         extra = np.maximum(workers - 2, 0)
-        sync = np.where(nodes > 1, self.alpha_n + self.beta_n * extra,
-                        self.alpha_r + self.beta_r * extra)
+        sync = np.where(
+            nodes > 1, self.alpha_n + self.beta_n * extra, self.alpha_r + self.beta_r * extra
+        )
         sync = np.where(workers > 1, sync, 0.0)
         g = self.gamma
         return (compute**g + sync**g) ** (1.0 / g)
 
     def scaled(self, compute: float = 1.0, sync: float = 1.0) -> StepTimeModel:
         """Same shape, compute and sync times multiplied (randomised scenarios, slower hardware)."""
-        return StepTimeModel(self.alpha_c * compute, self.beta_c * compute, self.alpha_r * sync,
-                             self.beta_r * sync, self.alpha_n * sync, self.beta_n * sync,
-                             self.gamma)
+        return StepTimeModel(
+            self.alpha_c * compute,
+            self.beta_c * compute,
+            self.alpha_r * sync,
+            self.beta_r * sync,
+            self.alpha_n * sync,
+            self.beta_n * sync,
+            self.gamma,
+        )
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -119,8 +127,12 @@ class ProfileRows:
         return len(self.placement)
 
     def subset(self, index: np.ndarray) -> ProfileRows:
-        return ProfileRows(tuple(self.placement[i] for i in index), self.local_bsz[index],
-                           self.step_time[index], self.sync_time[index])
+        return ProfileRows(
+            tuple(self.placement[i] for i in index),
+            self.local_bsz[index],
+            self.step_time[index],
+            self.sync_time[index],
+        )
 
 
 @dataclass(frozen=True)
@@ -173,8 +185,15 @@ def read_profile_csv(path: str | Path) -> ProfileRows:
         missing = set(PROFILE_COLUMNS) - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)}; need {PROFILE_COLUMNS}")
-        records = [(r["placement"].strip(), float(r["local_bsz"]), float(r["step_time"]),
-                    float(r["sync_time"])) for r in reader]
+        records = [
+            (
+                r["placement"].strip(),
+                float(r["local_bsz"]),
+                float(r["step_time"]),
+                float(r["sync_time"]),
+            )
+            for r in reader
+        ]
     if not records:
         raise ValueError(f"{path}: no profile rows")
     for i, (placement, _, step, sync) in enumerate(records, start=2):
@@ -184,8 +203,13 @@ def read_profile_csv(path: str | Path) -> ProfileRows:
     return ProfileRows(tuple(placements), np.array(bsz), np.array(step), np.array(sync))
 
 
-def _residuals(log_params: np.ndarray, rows: ProfileRows, workers: np.ndarray,
-               nodes: np.ndarray, single_node_only: bool) -> np.ndarray:
+def _residuals(
+    log_params: np.ndarray,
+    rows: ProfileRows,
+    workers: np.ndarray,
+    nodes: np.ndarray,
+    single_node_only: bool,
+) -> np.ndarray:
     p = np.exp(log_params)
     model = _model_from(p, single_node_only)
     compute = model.alpha_c + model.beta_c * rows.local_bsz
@@ -222,11 +246,17 @@ def fit_rows(rows: ProfileRows) -> StepTimeModel:
     start_alpha_c = max(float(np.median(compute[single])) - slope * rows.local_bsz.min(), 1e-4)
     multi = rows.sync_time[workers > 1]
     start_sync = float(np.median(multi)) if len(multi) else 1e-3
-    start = np.log([start_alpha_c, slope, start_sync, start_sync / 10, start_sync,
-                    start_sync / 10, 0.5])
+    start = np.log(
+        [start_alpha_c, slope, start_sync, start_sync / 10, start_sync, start_sync / 10, 0.5]
+    )
     single_node_only = not np.any(nodes > 1)
-    result = least_squares(_residuals, start, args=(rows, workers, nodes, single_node_only),
-                           bounds=(np.log(_MIN), np.log(1e4)), method="trf")
+    result = least_squares(
+        _residuals,
+        start,
+        args=(rows, workers, nodes, single_node_only),
+        bounds=(np.log(_MIN), np.log(1e4)),
+        method="trf",
+    )
     return _model_from(np.exp(result.x), single_node_only)
 
 
@@ -254,8 +284,14 @@ def fit_report(csv_path: str | Path, holdout_every: int = 5) -> FitReport:
         raise ValueError(f"{csv_path}: too few rows ({len(rows)}) to hold some out")
     model = fit_rows(rows.subset(index[~held]))
     errors = relative_errors(model, rows.subset(index[held]))
-    return FitReport(model, int((~held).sum()), int(held.sum()), float(np.median(errors)),
-                     float(np.quantile(errors, 0.9)), float(errors.mean()))
+    return FitReport(
+        model,
+        int((~held).sum()),
+        int(held.sum()),
+        float(np.median(errors)),
+        float(np.quantile(errors, 0.9)),
+        float(errors.mean()),
+    )
 
 
 def _profile_file(path: str | Path) -> Path:

@@ -78,8 +78,9 @@ class NodeSpec(_Strict):
     def expand(self) -> list[NodeSpec]:
         if self.count == 1:
             return [self]
-        return [self.model_copy(update={"id": f"{self.id}-{i}", "count": 1})
-                for i in range(self.count)]
+        return [
+            self.model_copy(update={"id": f"{self.id}-{i}", "count": 1}) for i in range(self.count)
+        ]
 
 
 class _Event(_Strict):
@@ -207,8 +208,10 @@ class Scenario(_Strict):
             fitting = [n for n in self.initial_nodes() if matches(n.labels, p.placement)]
             slots = sum(int(n.cpus // p.cpus_per_worker) for n in fitting)
             if slots < p.min_workers:
-                raise ValueError(f"partner {p.name}: placement {p.placement} fits {slots} workers"
-                                 f" on the initial nodes, fewer than min_workers {p.min_workers}")
+                raise ValueError(
+                    f"partner {p.name}: placement {p.placement} fits {slots} workers"
+                    f" on the initial nodes, fewer than min_workers {p.min_workers}"
+                )
         for e in self.events:
             target = getattr(e, "node", None)
             if isinstance(target, str) and target not in ids:
@@ -281,6 +284,12 @@ def load_scenario(path: str | Path) -> LoadedScenario:
         line = lines.get(("profile", field), lines.get(("profile",), "?"))
         raise ConfigError(f"{path}:{line}: profile.{field}: {exc}") from None
     return LoadedScenario(spec, model, path)
+
+
+def scenario_from_dict(data: dict, base_dir: str | Path = ".") -> LoadedScenario:
+    """Build a scenario in code (same schema as the YAML files; pydantic errors on mistakes)."""
+    spec = Scenario.model_validate(data)
+    return LoadedScenario(spec, resolve_profile(spec.profile, Path(base_dir)))
 
 
 def scenario_files(folder: str | Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Cluster simulator: the physics of an elastic synchronous data-parallel job, advanced analytically.
+"""Cluster simulator: the physics of an elastic synchronous data-parallel job, in closed form.
 
 Between two events the job's configuration is fixed, so its step time is a constant and progress
 over any stretch of time is one division: the simulator jumps from event to event (and to the
@@ -20,7 +20,8 @@ from collections import deque
 import numpy as np
 
 from raysys.agent.scenarios import LoadedScenario, NodeSpec
-from raysys.agent.sim_events import TimedEvent, Variation, build_timeline
+from raysys.agent.sim_effects import EventEffects
+from raysys.agent.sim_events import Variation, build_timeline
 from raysys.agent.sim_state import SimNode, SimPartner, SimWorker, split_batch
 from raysys.control.decisions import Decision, Noop, Rebalance, Replace, Scale
 from raysys.control.snapshot import NodeView, PartnerView, Snapshot, WorkerView, matches
@@ -28,7 +29,7 @@ from raysys.control.snapshot import NodeView, PartnerView, Snapshot, WorkerView,
 WINDOW_S = 60.0  # "recent" failures and actions are counted over the last minute
 
 
-class Simulator:
+class Simulator(EventEffects):
     def __init__(
         self,
         scenario: LoadedScenario,
@@ -91,7 +92,9 @@ class Simulator:
         self._recompute()
         self.initial_workers = len(self.workers)
         self.initial_rate = self.global_batch / self._step_time
-        self.max_time_s = spec.episode.max_time_s or 3.0 * self.samples_total / self.initial_rate + 600
+        self.max_time_s = (
+            spec.episode.max_time_s or 3.0 * self.samples_total / self.initial_rate + 600
+        )
         self._events = build_timeline(spec, events_rng, self.max_time_s, variation)
         heapq.heapify(self._events)
         self._next_seq = len(self._events)
@@ -106,9 +109,15 @@ class Simulator:
     @property
     def score(self) -> float:
         """Completion time + lambda * worker-seconds (+ the charge for an unfinished job)."""
-        return self.time_s + self.cost_per_worker_second * self.worker_seconds + (
-            self.unfinished_penalty
+        return (
+            self.time_s
+            + self.cost_per_worker_second * self.worker_seconds
+            + (self.unfinished_penalty)
         )
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._events)
 
     @property
     def step_time_s(self) -> float:
@@ -279,8 +288,10 @@ class Simulator:
         if self._dirty:
             self._recompute()
         # The controller stops the slowest workers first (newest on ties).
-        members = sorted((self.workers[w] for w in partner.worker_ids),
-                         key=lambda w: (w.own_time, partner.worker_ids.index(w.id)))
+        members = sorted(
+            (self.workers[w] for w in partner.worker_ids),
+            key=lambda w: (w.own_time, partner.worker_ids.index(w.id)),
+        )
         for worker in members[-count:]:
             self._remove_worker(worker)
         return self.costs.scale_down
@@ -291,8 +302,12 @@ class Simulator:
             return None
         partner = self.partners[old.partner]
         node = self.nodes.get(decision.node) if decision.node else None
-        usable = (node is not None and node.alive and matches(node.labels, partner.spec.placement)
-                  and node.free_cpus() + 1e-9 >= partner.spec.cpus_per_worker)
+        usable = (
+            node is not None
+            and node.alive
+            and matches(node.labels, partner.spec.placement)
+            and node.free_cpus() + 1e-9 >= partner.spec.cpus_per_worker
+        )
         if not usable:
             node = self._choose_node(partner, exclude=old.node) or self._choose_node(partner)
         if node is None:
@@ -310,91 +325,6 @@ class Simulator:
             self.workers[worker_id].share = share if share > 0 and math.isfinite(share) else 1.0
         self._dirty = True
         return self.costs.rebalance
-
-    # ----------------------------------------------------------------------------- events --
-    def _schedule(self, time: float, kind: str, **fields) -> None:
-        heapq.heappush(self._events, TimedEvent(time, self._next_seq, kind, **fields))
-        self._next_seq += 1
-
-    def _fire(self, event: TimedEvent) -> None:
-        kind = event.kind
-        if kind == "contention":
-            for node in self._contention_targets(event):
-                node.tenant_cpus += event.cpus
-                if event.duration_s is not None:
-                    self._schedule(self.time_s + event.duration_s, "contention_end",
-                                   node=node.id, cpus=event.cpus)
-        elif kind == "contention_end":
-            self.nodes[event.node].tenant_cpus -= event.cpus
-            self._restore_minimums()
-        elif kind == "straggler":
-            self._start_straggler(event)
-        elif kind == "straggler_end":
-            target = self.workers.get(event.worker) if event.worker else self.nodes.get(event.node)
-            if target is not None:
-                target.factors.pop(event.token, None)
-        elif kind == "worker_failure":
-            if event.worker is not None:
-                victim = self.workers.get(event.worker)
-            else:
-                victim = _pick(sorted(self.workers.values(), key=lambda w: w.id), event.pick)
-            if victim is not None:
-                self._fail([victim])
-        elif kind == "node_failure":
-            node = self.nodes[event.node]
-            node.alive = False
-            self._fail([w for w in self.workers.values() if w.node == node.id])
-            if event.duration_s is not None:
-                self._schedule(self.time_s + event.duration_s, "node_recover", node=node.id)
-        elif kind == "node_recover":
-            self.nodes[event.node].alive = True
-            self._restore_minimums()
-        elif kind == "node_join":
-            self._add_node(event.join, event.join.speed)
-            self._restore_minimums()
-        self._dirty = True
-
-    def _contention_targets(self, event: TimedEvent) -> list[SimNode]:
-        if event.node not in (None, "*"):
-            return [self.nodes[event.node]]
-        candidates = [n for n in sorted(self.nodes.values(), key=lambda n: n.id)
-                      if n.alive and matches(n.labels, event.selector or {})]
-        if event.node == "*":
-            chosen = _pick(candidates, event.pick)
-            return [chosen] if chosen else []
-        return candidates
-
-    def _start_straggler(self, event: TimedEvent) -> None:
-        if event.worker is not None:
-            if event.worker == "*":
-                target = _pick(sorted(self.workers.values(), key=lambda w: w.id), event.pick)
-            else:
-                target = self.workers.get(event.worker)
-            where = {"worker": target.id} if target else {}
-        else:
-            if event.node == "*":
-                hosts = sorted({w.node for w in self.workers.values()})
-                target = self.nodes.get(_pick(hosts, event.pick) or "")
-            else:
-                target = self.nodes.get(event.node)
-            where = {"node": target.id} if target else {}
-        if target is None:
-            return
-        target.factors[event.seq] = event.factor
-        if event.duration_s is not None:
-            self._schedule(self.time_s + event.duration_s, "straggler_end", token=event.seq,
-                           **where)
-
-    def _fail(self, victims: list[SimWorker]) -> None:
-        if not victims:
-            return
-        for worker in victims:
-            self._dead_unreported.append(
-                WorkerView(worker.id, worker.partner, worker.node, 0.0, worker.local_batch, False))
-            self._failure_times.append(self.time_s)
-            self._remove_worker(worker)
-        self._stall_left += self.costs.failure
-        self._restore_minimums()
 
     # --------------------------------------------------------------------------- snapshot --
     def snapshot(self) -> Snapshot:
@@ -415,10 +345,21 @@ class Simulator:
         if self._dead_unreported:
             workers.extend(self._dead_unreported)
             self._dead_unreported = []
-        partners = [PartnerView(p.name, len(p.worker_ids), p.spec.min_workers, p.spec.max_workers,
-                                p.spec.batch_share) for p in self.partners.values()]
-        nodes = [NodeView(n.id, n.labels, n.cpus, n.free_cpus(), n.speed)
-                 for n in self.nodes.values() if n.alive]
+        partners = [
+            PartnerView(
+                p.name,
+                len(p.worker_ids),
+                p.spec.min_workers,
+                p.spec.max_workers,
+                p.spec.batch_share,
+            )
+            for p in self.partners.values()
+        ]
+        nodes = [
+            NodeView(n.id, n.labels, n.cpus, n.free_cpus(), n.speed)
+            for n in self.nodes.values()
+            if n.alive
+        ]
         elapsed = now - self._last_view_time
         blocked = self._step_time == math.inf
         if elapsed > 0:
@@ -428,23 +369,29 @@ class Simulator:
         self._last_view_time, self._last_view_samples = now, self.samples_done
         step_time = 0.0 if blocked else self._step_time * noise.pop()
         return Snapshot(
-            time_s=now, step=int(self.steps_done), samples_done=int(self.samples_done),
-            samples_total=self.samples_total, workers=workers, partners=partners, nodes=nodes,
-            cpus_per_worker=self._cpus_per_worker, placement=self._placement,
+            time_s=now,
+            step=int(self.steps_done),
+            samples_done=int(self.samples_done),
+            samples_total=self.samples_total,
+            workers=workers,
+            partners=partners,
+            nodes=nodes,
+            cpus_per_worker=self._cpus_per_worker,
+            placement=self._placement,
             last_rescale_time_s=self.last_rescale_time_s,
             last_rescale_cost_s=self.last_rescale_cost_s,
-            recent_failures=len(self._failure_times), actions_last_minute=len(self._action_times),
-            step_time_s=step_time, throughput=throughput,
+            recent_failures=len(self._failure_times),
+            actions_last_minute=len(self._action_times),
+            step_time_s=step_time,
+            throughput=throughput,
         )
 
     def _refill_noise(self) -> None:
         """Multiplicative lognormal timing noise, drawn in blocks (one numpy call per ~1000
         snapshots instead of one Python call per worker) and consumed from the end."""
-        draws = self._noise.lognormal(0.0, self._noise_sigma, 4096) if self._noise_sigma else (
-            np.ones(4096))
+        draws = (
+            self._noise.lognormal(0.0, self._noise_sigma, 4096)
+            if self._noise_sigma
+            else (np.ones(4096))
+        )
         self._noise_pool = draws.tolist()[::-1] + self._noise_pool
-
-
-def _pick(items: list, u: float):
-    """The item a uniform draw u in [0, 1) selects, or None from an empty list."""
-    return items[min(int(u * len(items)), len(items) - 1)] if items else None

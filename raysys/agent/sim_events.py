@@ -74,11 +74,25 @@ def build_timeline(
         at = e.at + shift
         pick = rng.random()
         if isinstance(e, ContentionEvent):
-            add(at, "contention", node=e.node, selector=e.selector, cpus=e.cpus,
-                duration_s=e.duration_s, pick=pick)
+            add(
+                at,
+                "contention",
+                node=e.node,
+                selector=e.selector,
+                cpus=e.cpus,
+                duration_s=e.duration_s,
+                pick=pick,
+            )
         elif isinstance(e, StragglerEvent):
-            add(at, "straggler", node=e.node, worker=e.worker, factor=e.factor,
-                duration_s=e.duration_s, pick=pick)
+            add(
+                at,
+                "straggler",
+                node=e.node,
+                worker=e.worker,
+                factor=e.factor,
+                duration_s=e.duration_s,
+                pick=pick,
+            )
         elif isinstance(e, WorkerFailureEvent):
             add(at, "worker_failure", worker=e.worker, pick=pick)
         elif isinstance(e, NodeFailureEvent):
@@ -95,12 +109,25 @@ def build_timeline(
             if isinstance(gen, RandomStragglers):
                 duration = None if gen.duration_s is None else _uniform(rng, gen.duration_s)
                 target = {"worker": "*"} if gen.target == "worker" else {"node": "*"}
-                add(t, "straggler", factor=_uniform(rng, gen.factor), duration_s=duration,
-                    pick=pick, **target)
+                add(
+                    t,
+                    "straggler",
+                    factor=_uniform(rng, gen.factor),
+                    duration_s=duration,
+                    pick=pick,
+                    **target,
+                )
             elif isinstance(gen, RandomContention):
                 # "*": one node matching the selector, chosen when the event fires.
-                add(t, "contention", node="*", selector=dict(gen.selector), cpus=_uniform(rng, gen.cpus),
-                    duration_s=_uniform(rng, gen.duration_s), pick=pick)
+                add(
+                    t,
+                    "contention",
+                    node="*",
+                    selector=dict(gen.selector),
+                    cpus=_uniform(rng, gen.cpus),
+                    duration_s=_uniform(rng, gen.duration_s),
+                    pick=pick,
+                )
             elif isinstance(gen, RandomFailures):
                 add(t, "worker_failure", pick=pick)
             t += rng.expovariate(rate)

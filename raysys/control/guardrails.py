@@ -32,7 +32,9 @@ class GuardrailConfig(BaseModel):
         0.1, gt=0, le=1, description="a rebalance gives each worker at least this x an equal share"
     )
     straggler_ratio: float | None = Field(
-        None, ge=1, description="if set, only replace a worker this x slower than its partner median"
+        None,
+        ge=1,
+        description="if set, only replace a worker this x slower than its partner median",
     )
 
 
@@ -50,17 +52,7 @@ class Guardrails:
 
     def filter(self, decision: Decision, snapshot: Snapshot) -> Decision:
         """The decision itself, a clipped version of it, or Noop; never something unsafe."""
-        if isinstance(decision, Noop):
-            return decision
-        if not self._may_act_now(snapshot):
-            return NOOP
-        if isinstance(decision, Scale):
-            return self._filter_scale(decision, snapshot)
-        if isinstance(decision, Replace):
-            return self._filter_replace(decision, snapshot)
-        if isinstance(decision, Rebalance):
-            return self._filter_rebalance(decision, snapshot)
-        return NOOP  # an unknown kind of decision is never passed through
+        return self._filter(decision, snapshot, _SlotCounter(snapshot))
 
     def mask(self, snapshot: Snapshot, action_space: ActionVocabulary) -> np.ndarray:
         """mask[i] is True when action i decodes to a decision the guardrails let through."""
@@ -68,10 +60,24 @@ class Guardrails:
         allowed[0] = True  # Noop is always allowed, so a mask never forbids everything
         if not self._may_act_now(snapshot):
             return allowed
+        slots = _SlotCounter(snapshot)  # shared: every action asks about the same capacity
         for index in range(1, action_space.n):
             decision = action_space.decode(index, snapshot)
-            allowed[index] = not isinstance(self.filter(decision, snapshot), Noop)
+            allowed[index] = not isinstance(self._filter(decision, snapshot, slots), Noop)
         return allowed
+
+    def _filter(self, decision: Decision, snapshot: Snapshot, slots: _SlotCounter) -> Decision:
+        if isinstance(decision, Noop):
+            return decision
+        if not self._may_act_now(snapshot):
+            return NOOP
+        if isinstance(decision, Scale):
+            return self._filter_scale(decision, snapshot, slots)
+        if isinstance(decision, Replace):
+            return self._filter_replace(decision, snapshot, slots)
+        if isinstance(decision, Rebalance):
+            return self._filter_rebalance(decision, snapshot)
+        return NOOP  # an unknown kind of decision is never passed through
 
     # -- rules -----------------------------------------------------------------------------------
     def _may_act_now(self, snapshot: Snapshot) -> bool:
@@ -80,19 +86,21 @@ class Guardrails:
             return False
         return snapshot.actions_last_minute < self.config.max_actions_per_minute
 
-    def _filter_scale(self, decision: Scale, snapshot: Snapshot) -> Decision:
+    def _filter_scale(self, decision: Scale, snapshot: Snapshot, slots: _SlotCounter) -> Decision:
         partner = snapshot.partner(decision.partner)
         if partner is None or decision.delta == 0:
             return NOOP
         if decision.delta > 0:
             room = partner.max_workers - partner.workers
-            delta = min(decision.delta, room, snapshot.worker_slots_for(partner.name))
+            delta = min(decision.delta, room, slots(partner.name))
             return Scale(partner.name, delta) if delta > 0 else NOOP
         # A partner already below its minimum (after a failure) may not shrink further.
         delta = max(decision.delta, partner.min_workers - partner.workers)
         return Scale(partner.name, delta) if delta < 0 else NOOP
 
-    def _filter_replace(self, decision: Replace, snapshot: Snapshot) -> Decision:
+    def _filter_replace(
+        self, decision: Replace, snapshot: Snapshot, slots: _SlotCounter
+    ) -> Decision:
         worker = snapshot.worker(decision.worker)
         if worker is None or not worker.alive or snapshot.partner(worker.partner) is None:
             return NOOP
@@ -105,10 +113,14 @@ class Guardrails:
         if decision.node is not None:
             node = snapshot.node(decision.node)
             selector = snapshot.placement.get(worker.partner, {})
-            if node is not None and matches(node.labels, selector) and node.free_cpus + _EPS >= need:
+            if (
+                node is not None
+                and matches(node.labels, selector)
+                and node.free_cpus + _EPS >= need
+            ):
                 return decision
         # The newcomer starts before the old worker stops, so it needs a free slot somewhere.
-        return Replace(worker.id) if snapshot.worker_slots_for(worker.partner) >= 1 else NOOP
+        return Replace(worker.id) if slots(worker.partner) >= 1 else NOOP
 
     def _filter_rebalance(self, decision: Rebalance, snapshot: Snapshot) -> Decision:
         partner = snapshot.partner(decision.partner)
@@ -125,6 +137,19 @@ class Guardrails:
         shares = {w.id: float(named.get(w.id, 1.0)) for w in live}
         shares = _floor_shares(shares, self.config.min_share_fraction, partner.batch_share)
         return Rebalance(partner.name, shares)
+
+
+class _SlotCounter:
+    """Snapshot.worker_slots_for, remembered per partner for one snapshot."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, partner: str) -> int:
+        if partner not in self.counts:
+            self.counts[partner] = self.snapshot.worker_slots_for(partner)
+        return self.counts[partner]
 
 
 def _floor_shares(shares: dict[str, float], min_fraction: float, batch: int) -> dict[str, float]:

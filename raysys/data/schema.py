@@ -43,6 +43,9 @@ def check_schema_agreement(
 
     for name, schema in schemas.items():
         names = [n for n, _ in schema.features]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:  # load_partner_table never produces this; a hand-built schema might
+            raise DataError(f"partner {name!r} lists feature {twice!r} more than once")
         if names != ref_names:
             raise DataError(_feature_mismatch(name, names, ref_name, ref_names))
         for col, dtype in schema.features:

@@ -1,0 +1,307 @@
+"""GoodputGreedy: a Pollux-like policy that fits the step-time model online and scales greedily.
+
+Every interval it adds the workers' measured step times to a small data set keyed by
+(local batch, workers, nodes crossed, node speed), refits the Pollux step-time model when the data
+set gained a new configuration, and compares the current allocation with its neighbours (one
+partner +1 or -1 worker). The objective per sample is (1 + lambda * workers) * step_time / batch
+(seconds plus lambda-weighted worker-seconds per sample, docs/agent.md); it moves when the
+predicted saving over the remaining samples outweighs the rescale stall several times over.
+Like Pollux, parameters it has no data for are pinned to optimistic priors, so it explores by
+scaling up and learns from what it sees. It also replaces a worker slower than `straggler_ratio`
+times its partner's median and rebalances partners whose workers run at uneven speeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from raysys.agent.actions import rebalance_by_throughput
+from raysys.agent.policies import Policy, register_policy
+from raysys.agent.profile_fit import StepTimeModel
+from raysys.control.decisions import NOOP, Decision, Replace, Scale
+from raysys.control.snapshot import Snapshot
+
+_MIN = 1e-6
+
+
+@dataclass
+class _Point:
+    local_batch: float
+    workers: int
+    nodes: int
+    speed: float
+    log_time_sum: float = 0.0
+    count: int = 0
+
+
+class OnlineStepTimeFit:
+    """Least-squares fit of StepTimeModel to per-worker step times, with Pollux's priors."""
+
+    def __init__(self) -> None:
+        self.points: dict[tuple, _Point] = {}
+        self.model: StepTimeModel | None = None
+        self._fitted_keys = 0
+        self._last_x: np.ndarray | None = None  # warm start: each refit adds only a few points
+
+    def observe(
+        self, local_batch: int, workers: int, nodes: int, speed: float, time: float
+    ) -> None:
+        key = (local_batch, workers, nodes, round(speed, 2))
+        point = self.points.get(key)
+        if point is None:
+            point = self.points[key] = _Point(local_batch, workers, nodes, speed)
+        point.log_time_sum += math.log(time)
+        point.count += 1
+
+    def refit_if_new(self) -> StepTimeModel | None:
+        if self.points and len(self.points) != self._fitted_keys:
+            self.model = self._fit()
+            self._fitted_keys = len(self.points)
+        return self.model
+
+    def _fit(self) -> StepTimeModel:
+        from scipy.optimize import least_squares
+
+        pts = list(self.points.values())
+        batch = np.array([p.local_batch for p in pts], dtype=float)
+        workers = np.array([p.workers for p in pts], dtype=float)
+        nodes = np.array([p.nodes for p in pts], dtype=float)
+        speed = np.array([p.speed for p in pts])
+        target = np.array([p.log_time_sum / p.count for p in pts])
+        weight = np.sqrt([p.count for p in pts])
+        # What the data can tell apart decides which parameters are free (as in Pollux): one
+        # local batch cannot separate a from b; no run on one node (or across nodes) cannot
+        # reveal that sync time; never more than 2 workers cannot reveal retrogression.
+        one_batch = len(np.unique(batch)) == 1
+        seen_local = bool(np.any((workers > 1) & (nodes == 1)))
+        seen_cross = bool(np.any(nodes > 1))
+        seen_many = bool(np.any(workers > 2))
+        typical = float(np.exp(np.median(target)))
+
+        def build(x: np.ndarray) -> StepTimeModel:
+            a, b, c_r, d_r, c_n, d_n, g = np.exp(x)
+            if one_batch:
+                a = b * batch[0]  # Pollux: half the compute is fixed cost
+            if not seen_local:
+                c_r, d_r = c_n / 1.1, d_n / 1.1
+            if not seen_cross:
+                c_n, d_n = c_r * 1.1, d_r * 1.1
+            if not seen_many:
+                d_r = d_n = _MIN
+            return StepTimeModel(a, b, c_r, d_r, c_n, d_n, 1.0 + g)
+
+        def residuals(x: np.ndarray) -> np.ndarray:
+            m = build(x)
+            compute = (m.alpha_c + m.beta_c * batch) / speed
+            extra = np.maximum(workers - 2, 0)
+            sync = np.where(nodes > 1, m.alpha_n + m.beta_n * extra, m.alpha_r + m.beta_r * extra)
+            sync = np.where(workers > 1, sync, 0.0)
+            g = m.gamma
+            pred = np.log((compute**g + sync**g) ** (1 / g))
+            # Weak priors: gamma near 1 and little retrogression keep predictions optimistic.
+            prior = [0.03 * (g - 1), 0.1 * m.beta_r / m.alpha_r, 0.1 * m.beta_n / m.alpha_n]
+            return np.concatenate([weight * (pred - target), prior])
+
+        bounds = (np.full(7, np.log(_MIN)), np.array([np.log(1e4)] * 6 + [np.log(9.0)]))
+        start = self._last_x
+        if start is None:
+            start = np.log(
+                [
+                    typical / 4,
+                    typical / (2 * max(batch.mean(), 1)),
+                    typical / 4,
+                    typical / 100,
+                    typical / 4,
+                    typical / 100,
+                    0.2,
+                ]
+            )
+        start = np.clip(start, bounds[0] + 1e-6, bounds[1] - 1e-6)
+        result = least_squares(
+            residuals, start, bounds=bounds, method="trf", max_nfev=60, ftol=1e-6, xtol=1e-6
+        )
+        self._last_x = result.x
+        return build(result.x)
+
+
+@register_policy("goodput")
+class GoodputGreedyPolicy(Policy):
+    name = "goodput"
+
+    def __init__(
+        self,
+        cost_per_worker_second: float = 0.0,
+        straggler_ratio: float = 1.5,
+        imbalance_ratio: float = 1.15,
+        min_gain: float = 0.03,
+        settle_s: float = 20.0,
+        rescale_cost_s: float = 2.0,
+    ) -> None:
+        super().__init__(cost_per_worker_second)
+        self.straggler_ratio = straggler_ratio
+        self.imbalance_ratio = imbalance_ratio
+        self.min_gain = min_gain  # relative improvement needed before moving
+        self.settle_s = settle_s  # measurements just after a rescale include its stall
+        self.rescale_cost_s = rescale_cost_s  # assumed stall of a scale, until one is observed
+        self.reset()
+
+    def reset(self) -> None:
+        self.fit = OnlineStepTimeFit()
+
+    def decide(self, snapshot: Snapshot) -> Decision:
+        last = snapshot.last_rescale_time_s
+        if last is not None and snapshot.time_s - last < self.settle_s:
+            return NOOP
+        if snapshot.last_rescale_cost_s > 0:
+            self.rescale_cost_s = snapshot.last_rescale_cost_s
+        self._observe(snapshot)
+        fixed = self._fix_stragglers(snapshot)
+        if fixed is not NOOP:
+            return fixed
+        model = self.fit.refit_if_new()
+        return self._best_scale(snapshot, model) if model is not None else NOOP
+
+    def _observe(self, snapshot: Snapshot) -> None:
+        live = [w for w in snapshot.workers if w.alive and w.step_time_s > 0]
+        hosts = len({w.node for w in live})
+        for w in live:
+            median = snapshot.median_step_time(w.partner)
+            if w.step_time_s > 1.3 * median:
+                continue  # a straggler says nothing about the job's model
+            node = snapshot.node(w.node)
+            speed = node.speed if node is not None else 1.0
+            self.fit.observe(w.local_batch, len(live), hosts, speed, w.step_time_s)
+
+    def _fix_stragglers(self, snapshot: Snapshot) -> Decision:
+        for partner in snapshot.partners:
+            slowest = snapshot.slowest_worker(partner.name)
+            median = snapshot.median_step_time(partner.name)
+            if slowest is None or partner.workers < 2:
+                continue
+            if slowest.step_time_s > self.straggler_ratio * median:
+                if snapshot.worker_slots_for(partner.name, exclude_node=slowest.node) > 0:
+                    return Replace(slowest.id)
+                return rebalance_by_throughput(snapshot, partner.name)
+            speeds = [
+                w.local_batch / w.step_time_s
+                for w in snapshot.workers_of(partner.name)
+                if w.step_time_s > 0
+            ]
+            if speeds and max(speeds) > self.imbalance_ratio * min(speeds):
+                return rebalance_by_throughput(snapshot, partner.name)
+        return NOOP
+
+    @staticmethod
+    def _slowness(snapshot: Snapshot, model: StepTimeModel, hosts: int) -> dict[str, float]:
+        """How much slower than the model each partner's workers run now (node speed, lingering
+        slowdowns), measured at the current allocation and carried over to the options."""
+        total = snapshot.total_workers
+        out = {}
+        for partner in snapshot.partners:
+            ratios = [
+                w.step_time_s / model.step_time(w.local_batch, total, hosts)
+                for w in snapshot.workers_of(partner.name)
+                if w.step_time_s > 0
+            ]
+            out[partner.name] = float(np.median(ratios)) if ratios else 1.0
+        return out
+
+    @staticmethod
+    def _predict_step(
+        snapshot: Snapshot,
+        model: StepTimeModel,
+        slowness: dict[str, float],
+        counts: dict[str, int],
+        hosts: int,
+    ) -> float:
+        sync = model.sync_time(sum(counts.values()), hosts)
+        step = 0.0
+        for partner in snapshot.partners:
+            batch = partner.batch_share / counts[partner.name]
+            compute = model.compute_time(batch) * slowness[partner.name]
+            step = max(step, model.combine(compute, sync))
+        return step
+
+    def _best_scale(self, snapshot: Snapshot, model: StepTimeModel) -> Decision:
+        counts = {p.name: p.workers for p in snapshot.partners}
+        if any(c == 0 for c in counts.values()):
+            return NOOP  # the controller is restoring a partner; measurements are incomplete
+        hosts = len({w.node for w in snapshot.workers if w.alive})
+        slowness = self._slowness(snapshot, model, hosts)
+        current = self._per_sample(snapshot, model, slowness, counts, hosts)
+        target, best = self._target_allocation(snapshot, model, slowness, hosts)
+        remaining = snapshot.samples_total - snapshot.samples_done
+        stall = self.rescale_cost_s * (1.0 + self.cost_per_worker_second * sum(counts.values()))
+        if target == counts or best > current * (1 - self.min_gain):
+            return NOOP
+        if (current - best) * remaining < 3 * stall:
+            return NOOP  # not worth the stall this close to the end
+        # One partner per decision, the one furthest from its target (growth first).
+        name = max(counts, key=lambda n: (target[n] - counts[n], -counts[n], n))
+        if target[name] <= counts[name]:
+            name = min(counts, key=lambda n: (target[n] - counts[n], n))
+        return Scale(name, target[name] - counts[name])
+
+    def _per_sample(
+        self,
+        snapshot: Snapshot,
+        model: StepTimeModel,
+        slowness: dict[str, float],
+        counts: dict[str, int],
+        hosts: int,
+    ) -> float:
+        """Seconds plus lambda-weighted worker-seconds per sample for an allocation."""
+        step = self._predict_step(snapshot, model, slowness, counts, hosts)
+        lam = self.cost_per_worker_second
+        return (1.0 + lam * sum(counts.values())) * step / snapshot.global_batch
+
+    def _target_allocation(
+        self, snapshot: Snapshot, model: StepTimeModel, slowness: dict[str, float], hosts: int
+    ) -> tuple[dict[str, int], float]:
+        """Best allocation by water-filling: from every partner at its minimum, keep adding a
+        worker to the partner whose compute sets the pace; the best point on that path wins.
+        (A step is the max over partners, so growing any other partner cannot help.)"""
+        room = {
+            p.name: min(p.max_workers, p.workers + snapshot.worker_slots_for(p.name))
+            for p in snapshot.partners
+        }
+        counts = {p.name: min(p.min_workers, room[p.name]) for p in snapshot.partners}
+        if any(c <= 0 for c in counts.values()):
+            return {p.name: p.workers for p in snapshot.partners}, math.inf
+
+        def option_hosts(option: dict[str, int]) -> int:
+            # Sync only distinguishes "one node" from "several": assume growth past the free
+            # CPUs of a single shared host leaves it.
+            if hosts > 1 or sum(option.values()) <= snapshot.total_workers:
+                return hosts
+            return hosts if self._fits_on_host(snapshot, snapshot.partners[0].name) else 2
+
+        best_counts, best = (
+            dict(counts),
+            self._per_sample(snapshot, model, slowness, counts, option_hosts(counts)),
+        )
+        while True:
+            pacing = max(
+                counts,
+                key=lambda n: (
+                    model.compute_time(snapshot.partner(n).batch_share / counts[n]) * slowness[n],
+                    n,
+                ),
+            )
+            if counts[pacing] >= room[pacing]:
+                break
+            counts[pacing] += 1
+            value = self._per_sample(snapshot, model, slowness, counts, option_hosts(counts))
+            if value < best:
+                best_counts, best = dict(counts), value
+        return best_counts, best
+
+    @staticmethod
+    def _fits_on_host(snapshot: Snapshot, partner: str) -> bool:
+        """Would a new worker land on a node already running one of the job's workers?"""
+        hosts = {w.node for w in snapshot.workers if w.alive}
+        need = snapshot.cpus_per_worker.get(partner, 1.0)
+        return any(n.id in hosts and n.free_cpus >= need for n in snapshot.nodes_for(partner))
