@@ -46,7 +46,8 @@ def format_location(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "<top level>"
 
 
-def format_validation_error(err: ValidationError, source: str, lines: dict[tuple, int]) -> str:
+def format_validation_error(err: ValidationError, source: str, lines: dict[tuple, int],
+                            docs: str = "docs/configuration.md") -> str:
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -54,7 +55,7 @@ def format_validation_error(err: ValidationError, source: str, lines: dict[tuple
         where = f"{source}:{line}" if line else source
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see docs/configuration.md)"
+            msg = f"unknown key (check the spelling; see {docs})"
         out.append(f"{where}: {format_location(loc)}: {msg}")
     return "\n".join(out)
 
@@ -75,7 +76,8 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[tuple, int]]:
     return data, (_line_index(node) if node is not None else {})
 
 
-def load_model(model: type[M], path: str | Path, context: dict | None = None) -> M:
+def load_model(model: type[M], path: str | Path, context: dict | None = None,
+               docs: str = "docs/configuration.md") -> M:
     """Read `path`, validate it as `model`; all mistakes are reported in one ConfigError."""
     data, lines = read_yaml(path)
     if not isinstance(data, dict):
@@ -83,4 +85,4 @@ def load_model(model: type[M], path: str | Path, context: dict | None = None) ->
     try:
         return model.model_validate(data, context=context)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path), lines)) from None
+        raise ConfigError(format_validation_error(err, str(path), lines, docs)) from None

@@ -25,10 +25,11 @@ class AgentActor:
         self.spec = JobSpec.model_validate(spec)
         agent = self.spec.agent
         self.controller = controller
+        config = GuardrailConfig(cooldown_s=agent.cooldown_s,
+                                 max_actions_per_minute=agent.max_actions_per_minute)
+        self.guardrails = Guardrails(config)
         self.policy = make_policy(agent.policy, cost_per_worker_second=agent.cost_per_worker_second,
-                                  **_policy_kwargs(self.spec))
-        self.guardrails = Guardrails(GuardrailConfig(
-            cooldown_s=agent.cooldown_s, max_actions_per_minute=agent.max_actions_per_minute))
+                                  **_policy_kwargs(self.spec, config))
         self.history: list[dict] = []
         self._stopped = False
 
@@ -65,10 +66,13 @@ class AgentActor:
         self._stopped = True
 
 
-def _policy_kwargs(spec: JobSpec) -> dict:
-    """Extra constructor arguments some policies need from the job (none for the built-ins)."""
-    if spec.agent.policy == "rl" and spec.agent.checkpoint:
-        return {"checkpoint": spec.agent.checkpoint}
+def _policy_kwargs(spec: JobSpec, guardrails: GuardrailConfig) -> dict:
+    """Constructor arguments that learned policies need from the job."""
+    agent = spec.agent
+    if agent.policy == "rl":
+        return {"checkpoint": agent.checkpoint, "guardrails": guardrails}
+    if agent.policy == "tabularq":
+        return {"table": agent.checkpoint, "guardrails": guardrails}
     return {}
 
 

@@ -275,7 +275,7 @@ def needs_missing_traces(spec: Scenario) -> bool:
 
 def load_scenario(path: str | Path) -> LoadedScenario:
     path = Path(path)
-    spec = load_model(Scenario, path)
+    spec = load_model(Scenario, path, docs="docs/scenarios.md")
     try:
         model = resolve_profile(spec.profile, path.parent)
     except (OSError, ValueError) as exc:

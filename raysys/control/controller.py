@@ -326,7 +326,12 @@ class JobController:
         for member_id, r in reports.items():
             m = self.group.members[member_id]
             if r.steps_done:
-                m.recent_step_s = float(np.mean(np.add(r.compute_s, r.sync_s)))
+                # A worker's own step time: its compute plus the communication every worker pays
+                # (the smallest sync of the step); the rest of its sync is waiting for a slower
+                # peer and would hide which worker is the straggler.
+                shared_sync = [min(o.sync_s[i] for o in reports.values() if o.steps_done > i)
+                               for i in range(r.steps_done)]
+                m.recent_step_s = float(np.mean(np.add(r.compute_s, shared_sync)))
                 m.local_batch = r.local_batch[-1]
             if r.error:
                 self._log(f"{member_id}: {r.error}")
@@ -426,7 +431,8 @@ class JobController:
 
     def _pending_event_for(self, m: Member) -> RescaleEvent:
         event = self._pending.pop(m.id, None)
-        return event or RescaleEvent("scale_up", f"{m.id} joined", time.time())
+        # No decision asked for this member: it replaces a failed worker (failure policy).
+        return event or RescaleEvent("recovery", f"{m.id} joined", time.time())
 
     def _apply(self, d: Decision) -> RescaleEvent | None:
         """Turn one decision into group operations; returns an event when the group changed now.
@@ -475,7 +481,8 @@ class JobController:
         if n <= 0:
             self._log(f"{describe(d)}: refused, {p.name} is at its minimum {p.workers.min}")
             return None
-        leaving = active[-n:]
+        # The slowest workers leave first (as in the simulator); unmeasured ones count as fast.
+        leaving = sorted(active, key=lambda m: m.recent_step_s)[-n:]
         for m in leaving:
             self.group.retire(m.id)
         return RescaleEvent("scale_down", ", ".join(m.id for m in leaving), now)
