@@ -93,7 +93,7 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
 
         agent = RemoteAgentActor.options(name=f"raysys:{spec.name}:agent").remote(
             controller, spec.model_dump())
-        agent_done = agent.run.remote()
+        agent_done = agent.wait.remote()
     since = 0
     live = _ProgressView(spec, quiet)
     while True:
@@ -118,10 +118,10 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
     finally:
         if agent is not None:
             agent.stop.remote()
-            summary_decisions = _agent_history(agent_done)
+            agent_status = _agent_status(agent_done)
         ray.kill(controller)  # its workers are already gone; free the name for the next run
     if agent is not None:
-        summary["agent"] = {"policy": spec.agent.policy, "decisions": summary_decisions}
+        summary["agent"] = agent_status
         ray.kill(agent)
     if summary_path:
         with open(summary_path, "w") as f:
@@ -146,11 +146,11 @@ def _wait_until_name_free(name: str, timeout_s: float = 15.0) -> None:
         time.sleep(0.2)
 
 
-def _agent_history(agent_done: ray.ObjectRef) -> list[dict]:
+def _agent_status(agent_done: ray.ObjectRef) -> dict:
     try:
-        return ray.get(agent_done, timeout=60)
+        return ray.get(agent_done, timeout=30)
     except Exception as exc:  # the agent's failure must not hide the job's result
-        return [{"error": f"agent ended with {type(exc).__name__}: {exc}"}]
+        return {"warnings": [f"agent ended with {type(exc).__name__}: {exc}"], "decisions": []}
 
 
 class _ProgressView:
@@ -204,6 +204,13 @@ def print_summary(summary: dict) -> None:
         failures = f", {c['failures']} failures" if c["failures"] else ""
         table.add_row(f"samples from {name}", f"{c['samples']}{skipped}{failures}")
     table.add_row("rescales", str(summary["rescales"]))
+    agent = summary.get("agent")
+    if agent:
+        table.add_row("agent policy", agent.get("policy", "?"))
+        for d in agent.get("decisions", []):
+            table.add_row(f"  agent at step {d['step']}", d["applied"])
+        for w in agent.get("warnings", []):
+            table.add_row("  agent warning", w)
     table.add_row("throughput", f"{summary['samples_per_s']:.0f} samples/s")
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     console.print(table)

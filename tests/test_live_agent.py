@@ -22,7 +22,7 @@ def test_goodput_agent_handles_an_injected_straggler(ray_cluster, two_partner_da
     controller = RemoteJobController.remote(spec)
     done = controller.run.remote()
     agent = RemoteAgentActor.remote(controller, spec)
-    agent_done = agent.run.remote()
+    agent_done = agent.wait.remote()
     try:
         wait_for(controller, lambda p: p["step"] >= 20)
         chaos.slow("live", "alpha/1", 3.0)
@@ -37,7 +37,7 @@ def test_goodput_agent_handles_an_injected_straggler(ray_cluster, two_partner_da
         losses_before = ray.get(controller.progress.remote())["loss"]
         wait_for(controller, lambda p: p["step"] >= 150)
         ray.get(agent.stop.remote())
-        history = ray.get(agent_done)
+        history = ray.get(agent_done)["decisions"]
         ray.get(controller.stop.remote())
         summary = ray.get(done)
     finally:
@@ -46,3 +46,43 @@ def test_goodput_agent_handles_an_injected_straggler(ray_cluster, two_partner_da
     assert acted, f"no replace/rebalance of alpha within 3 intervals; agent said {history}"
     assert any("alpha" in h["applied"] for h in history)
     assert summary["final_loss"] < losses_before or summary["final_loss"] < 0.5
+
+
+def test_agent_with_unloadable_policy_falls_back_to_static_and_job_goes_on(
+        ray_cluster, two_partner_data, tmp_path):
+    spec = make_spec(two_partner_data, tmp_path, steps=40)
+    spec["agent"] = {"policy": "tabularq", "checkpoint": str(tmp_path / "missing.npz"),
+                     "interval_s": 0.5}
+    controller = RemoteJobController.remote(spec)
+    done = controller.run.remote()
+    agent = RemoteAgentActor.remote(controller, spec)
+    try:
+        status = ray.get(agent.status.remote())
+        summary = ray.get(done)
+        final = ray.get(agent.wait.remote(30))
+    finally:
+        ray.kill(agent)
+        ray.kill(controller)
+    assert status["policy"] == "static"
+    assert "missing.npz" in status["warnings"][0] and "static policy" in status["warnings"][0]
+    assert summary["steps"] == 40 and not final["running"]
+
+
+def test_node_metrics_are_scraped_into_the_snapshot(ray_cluster):
+    from raysys.agent.actor import parse_node_gauges, with_node_metrics
+    from raysys.control.snapshot import NodeView, Snapshot
+
+    text = ('# HELP ray_node_cpu_utilization x\nray_node_cpu_utilization{ip="a"} 42.5\n'
+            'ray_node_mem_used{ip="a"} 2.0e9\nray_node_mem_total{ip="a"} 8.0e9\n')
+    assert parse_node_gauges(text) == {"ray_node_cpu_utilization": 42.5,
+                                       "ray_node_mem_used": 2.0e9, "ray_node_mem_total": 8.0e9}
+    nodes = [NodeView(n["NodeID"], n["Labels"], 1.0, 1.0) for n in ray.nodes() if n["Alive"]]
+    snap = Snapshot(0.0, 0, 0, 1, [], [], nodes, {}, {}, None, 0.0, 0, 0, 0.0, 0.0)
+    deadline = time.time() + 30  # the reporter agent publishes node gauges every few seconds
+    while time.time() < deadline:
+        with_node_metrics(snap)
+        if all(n.memory_used_fraction > 0 for n in snap.nodes):
+            break
+        time.sleep(1)
+    assert all(0 < n.memory_used_fraction < 1 for n in snap.nodes)
+    assert all(0 <= n.cpu_utilization <= 1 for n in snap.nodes)

@@ -442,6 +442,7 @@ class JobController:
         now = time.time()
         if isinstance(d, Noop):
             return None
+        self._log(f"decision: {describe(d)}")
         if isinstance(d, Scale):
             return self._scale(d, now)
         if isinstance(d, Replace):

@@ -80,6 +80,28 @@ class _Metrics:
         )
 
 
+    @cached_property
+    def AGENT_DECISIONS(self):
+        return self._m.Counter(
+            "raysys_agent_decisions_total", "Decisions of the agent after the guardrails.",
+            tag_keys=("job", "policy", "kind"),
+        )
+
+    @cached_property
+    def AGENT_DECISION_SECONDS(self):
+        return self._m.Histogram(
+            "raysys_agent_decision_seconds", "Snapshot -> Decision time (policy + guardrails).",
+            boundaries=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.05], tag_keys=("job", "policy"),
+        )
+
+    @cached_property
+    def AGENT_FALLBACKS(self):
+        return self._m.Counter(
+            "raysys_agent_fallbacks_total", "Times the agent fell back to the static policy.",
+            tag_keys=("job",),
+        )
+
+
 _metrics = _Metrics()
 
 

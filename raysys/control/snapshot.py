@@ -39,6 +39,9 @@ class NodeView:
     total_cpus: float
     free_cpus: float
     speed: float = 1.0  # relative compute speed (simulator only; live nodes report 1.0)
+    # Live only (scraped from the node's /metrics); the simulator leaves them at 0.
+    cpu_utilization: float = 0.0  # 0..1
+    memory_used_fraction: float = 0.0  # 0..1
 
 
 def matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
