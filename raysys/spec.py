@@ -158,6 +158,24 @@ class RuntimeSpec(_Strict):
     metrics_export_port: int | None = Field(None, ge=1024, le=65535)
 
 
+class ChaosSpec(_Strict):
+    """A fault injected at a fixed step (a testing and demo aid, like `raysys chaos`)."""
+
+    at_step: int = Field(..., ge=0)
+    worker: str  # "<partner>/<index>"
+    slow: float | None = Field(None, ge=1.0)  # compute takes this many times as long
+    kill: bool = False
+
+    @model_validator(mode="after")
+    def _one_fault(self) -> ChaosSpec:
+        if (self.slow is None) == (not self.kill):
+            raise ValueError("give exactly one of slow: FACTOR or kill: true")
+        partner, _, index = self.worker.partition("/")
+        if not partner or not index.isdigit():
+            raise ValueError(f"worker '{self.worker}' is not of the form <partner>/<index>")
+        return self
+
+
 class JobSpec(_Strict):
     name: str = "job"
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -171,6 +189,7 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     agent: AgentSpec = Field(default_factory=AgentSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    chaos: list[ChaosSpec] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -190,6 +209,15 @@ class JobSpec(_Strict):
                 raise ValueError(f"duplicate partner name '{p.name}'")
             seen.add(p.name)
         return v
+
+    @model_validator(mode="after")
+    def _chaos_names_partners(self) -> JobSpec:
+        names = {p.name for p in self.partners}
+        for i, c in enumerate(self.chaos):
+            if c.worker.partition("/")[0] not in names:
+                raise ValueError(f"chaos.{i}.worker: no partner named "
+                                 f"'{c.worker.partition('/')[0]}'")
+        return self
 
     @model_validator(mode="after")
     def _batch_covers_partners(self) -> JobSpec:

@@ -127,3 +127,12 @@ def test_cli_exits_2_with_the_error_and_starts_nothing(good, tmp_path):
     assert out.returncode == 2
     assert "partners.0.cpus_per_worker" in out.stderr
     assert "Started a local Ray instance" not in out.stderr + out.stdout
+
+
+def test_chaos_entries_are_checked(good, tmp_path):
+    good["chaos"] = [{"at_step": 5, "worker": "delta/0", "slow": 3},
+                     {"at_step": 5, "worker": "alpha/0", "slow": 3, "kill": True}]
+    msg = error_for(tmp_path, good)
+    assert "chaos.1: give exactly one of slow: FACTOR or kill: true" in msg
+    good["chaos"] = [{"at_step": 5, "worker": "delta/0", "slow": 3}]
+    assert "chaos.0.worker: no partner named 'delta'" in error_for(tmp_path, good)

@@ -100,6 +100,8 @@ class AgentActor:
                     snapshot = with_node_metrics(ray.get(self.controller.snapshot.remote()))
                 except ray.exceptions.RayActorError:
                     break  # the controller is gone: the job ended
+                if snapshot.samples_done >= snapshot.samples_total:
+                    break  # the job is finishing: nothing left to steer
                 if pending is not None:
                     self._record_outcome(pending, snapshot)
                     pending = None

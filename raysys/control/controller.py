@@ -86,10 +86,9 @@ class Progress:
 
 
 class JobController:
-    def __init__(self, spec: dict, resume: bool = False, slowdowns: dict | None = None) -> None:
+    def __init__(self, spec: dict, resume: bool = False) -> None:
         self.spec = JobSpec.model_validate(spec)
         self.resume = resume
-        self.slowdowns = slowdowns or {}  # worker id -> artificial slowdown (experiments, tests)
         self.state = JobState.STARTING
         self.step = 0
         self.batch_sizes: dict[str, int] = {}
@@ -99,6 +98,7 @@ class JobController:
         self.rescales: list[RescaleEvent] = []
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
         self._pending: dict[str, RescaleEvent] = {}  # cold newcomer id -> its decision's event
+        self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
         self.losses: deque[float] = deque(maxlen=20)
         self.step_times: deque[float] = deque(maxlen=20)  # slowest worker's compute + sync
         self.chunk_rates: deque[tuple[int, float]] = deque(maxlen=10)  # (samples, wall seconds)
@@ -210,8 +210,7 @@ class JobController:
         ckpt = self.ckpt.latest() if self.resume else None
         for p in self.spec.partners:
             for _ in range(p.workers.initial):
-                self.group.start(p, MemberState.ACTIVE,
-                                 slowdown=self._slowdown_for(p.name))
+                self.group.start(p, MemberState.ACTIVE)
             for _ in range(p.workers.spares):
                 self.group.start(p, MemberState.SPARE)
         infos = self._load_all()
@@ -278,6 +277,7 @@ class JobController:
     # -- RUNNING -----------------------------------------------------------------------------
     def _train(self) -> None:
         while self.step < self.spec.steps and not self._stop.is_set():
+            self._inject_chaos()
             self._apply_changes()
             n = self._chunk_size()
             t_chunk = time.time()
@@ -288,6 +288,21 @@ class JobController:
             self._maybe_checkpoint()
             self._maybe_evaluate()
 
+    def _inject_chaos(self) -> None:
+        """Faults the spec schedules (testing and demo aid), once their step is reached."""
+        while self._chaos and self._chaos[0].at_step <= self.step:
+            c = self._chaos.pop(0)
+            m = self.group.members.get(c.worker)
+            if m is None or m.state is not MemberState.ACTIVE:
+                self._log(f"chaos: {c.worker} is not an active worker; skipped")
+                continue
+            if c.kill:
+                ray.kill(m.actor, no_restart=True)
+                self._log(f"chaos: killed {c.worker} at step {self.step}")
+            else:
+                ray.get(m.actor.set_slowdown.remote(c.slow))
+                self._log(f"chaos: {c.worker} computes {c.slow:g}x slower from step {self.step}")
+
     def _chunk_size(self) -> int:
         rt = self.spec.runtime
         if rt.steps_per_call:
@@ -296,6 +311,8 @@ class JobController:
             mean = self._mean_step_time()
             n = 1 if mean <= 0 else int(min(50, max(1, 0.25 / mean)))
         # Never run past a boundary where the controller has work to do.
+        if self._chaos:
+            n = min(n, max(1, self._chaos[0].at_step - self.step))
         for every in (self.spec.checkpoint.every_steps,
                       self.spec.evaluation.every_steps if self.spec.evaluation else None):
             if every:
@@ -448,9 +465,13 @@ class JobController:
         if isinstance(d, Replace):
             return self._replace(d, now)
         if isinstance(d, Rebalance):
-            members = {m.id for m in self.group.active(d.partner)}
-            for m in self.group.active(d.partner):
-                m.share = float(d.split.get(m.id, 1.0))
+            active = self.group.active(d.partner)
+            members = {m.id for m in active}
+            shares = [float(d.split.get(m.id, 1.0)) for m in active]
+            if _same_proportions(shares, [m.share for m in active]):
+                return None  # the split already is this one: nothing changes
+            for m, share in zip(active, shares, strict=True):
+                m.share = share
             unknown = set(d.split) - members
             if unknown:
                 self._log(f"rebalance: ignoring workers not active in {d.partner}: {unknown}")
@@ -560,10 +581,6 @@ class JobController:
         return summary
 
     # -- helpers -----------------------------------------------------------------------------
-    def _slowdown_for(self, partner: str) -> float:
-        index = len([m for m in self.group.members.values() if m.partner == partner])
-        return float(self.slowdowns.get(f"{partner}/{index}", 1.0))
-
     def _set_state(self, state: JobState) -> None:
         self.state = state
 
@@ -588,6 +605,11 @@ class JobController:
     def _export_worker_counts(self) -> None:
         for partner, n in self.group.counts().items():
             metrics.WORKERS.set(n, tags={**self._tags, "partner": partner})
+
+
+def _same_proportions(a: list[float], b: list[float], tol: float = 1e-3) -> bool:
+    sa, sb = sum(a), sum(b)
+    return len(a) == len(b) and all(abs(x / sa - y / sb) <= tol for x, y in zip(a, b, strict=True))
 
 
 RemoteJobController = ray.remote(num_cpus=0, max_concurrency=8)(JobController)

@@ -101,7 +101,7 @@ class ElasticGroup:
 
     # -- starting workers --------------------------------------------------------------------
     def start(self, partner: PartnerSpec, join_as: MemberState, node_id: str | None = None,
-              replaces: str | None = None, slowdown: float = 1.0) -> Member:
+              replaces: str | None = None) -> Member:
         """Create a worker actor on a node matching the partner's placement (and `node_id`)."""
         counter = self._counters.setdefault(partner.name, itertools.count())
         index = next(counter)
@@ -115,7 +115,7 @@ class ElasticGroup:
             label_selector=selector or None,
             max_restarts=0,
         ).remote(self.spec.name, member_id, partner.name, partner.data.model_dump(),
-                 self.spec.seed, slowdown)
+                 self.spec.seed)
         member = Member(member_id, partner.name, actor, MemberState.STARTING, join_as=join_as,
                         replaces=replaces)
         member.load_ref = member.ready_ref = actor.load.remote()

@@ -62,16 +62,15 @@ class WorkerInfo:
 
 
 class PartnerWorker:
-    def __init__(self, job: str, worker_id: str, partner: str, data: dict, seed: int,
-                 slowdown: float = 1.0) -> None:
+    def __init__(self, job: str, worker_id: str, partner: str, data: dict, seed: int) -> None:
         torch.set_num_threads(1)  # fractional CPUs on small hosts: one thread per replica
         self.job = job
         self.worker_id = worker_id
         self.partner = partner
         self.seed = seed
         self._data_spec = data
-        # Artificial slowdown (1.0 = none), for straggler experiments and tests only.
-        self.slowdown = slowdown
+        # Artificial slowdown (1.0 = none): fault injection by `raysys chaos` and spec `chaos:`.
+        self.slowdown = 1.0
         self.replica: Replica | None = None
         self.group: GenerationGroup | None = None
         self._x: torch.Tensor | None = None
