@@ -103,6 +103,9 @@ class JobController:
         self.step_times: deque[float] = deque(maxlen=20)  # slowest worker's compute + sync
         self.chunk_rates: deque[tuple[int, float]] = deque(maxlen=10)  # (samples, wall seconds)
         self.step_log: deque[tuple[int, float, float]] = deque(maxlen=5000)  # step, time, sync
+        # (job time, step, live workers, samples/s) after every chunk: for reports and plots.
+        self.timeline: deque[tuple[float, int, int, float]] = deque(maxlen=20000)
+        self.worker_seconds = 0.0  # live workers x wall time, the objective's cost term
         self.last_checkpoint_step = -1
         self.log_lines: deque[tuple[int, str]] = deque(maxlen=500)
         self.n_logged = 0
@@ -189,6 +192,10 @@ class JobController:
             step_time_s=self._mean_step_time(), throughput=self._throughput(),
         )
 
+    def history(self) -> list[tuple[float, int, int, float]]:
+        """(job time s, step, live workers, samples/s) after every chunk of steps."""
+        return list(self.timeline)
+
     def step_timings(self) -> list[tuple[int, float, float]]:
         """(step, step time, sync time) of recent steps, as `raysys profile` records them."""
         return list(self.step_log)
@@ -236,6 +243,7 @@ class JobController:
             self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
         self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
         self._export_worker_counts()
+        self._t_first_step = time.time() - self.t_start
         self._set_state(JobState.RUNNING)
         self._log(f"started {self._describe_counts()}; batch per step {self.batch_sizes}")
 
@@ -371,8 +379,12 @@ class JobController:
             else:
                 self.counters[p.name].skipped_steps += advanced
         self.step += advanced
+        now = time.time()
         self.chunk_rates.append((advanced * sum(self.batch_sizes[p] for p, c in counts.items()
-                                                if c), time.time() - t_chunk))
+                                                if c), now - t_chunk))
+        self.worker_seconds += sum(counts.values()) * (now - t_chunk)
+        self.timeline.append((now - self.t_start, self.step, sum(counts.values()),
+                              self._throughput()))
         metrics.JOB_STEP.set(self.step, tags=self._tags)
         metrics.JOB_SAMPLES_PER_S.set(self._throughput(), tags=self._tags)
         if advanced and self.step % self.spec.runtime.log_every_steps < advanced:
@@ -575,6 +587,7 @@ class JobController:
             "partners": {k: asdict(v) for k, v in self.counters.items()},
             "batch_per_step": self.batch_sizes, "workers": self.group.counts(),
             "rescales": len(self.rescales), "wall_time_s": time.time() - self.t_start,
+            "training_time_s": self._training_time(), "worker_seconds": self.worker_seconds,
             "samples_per_s": self._throughput(),
         }
         self.group.shutdown()
@@ -589,6 +602,12 @@ class JobController:
         self.log_lines.append((self.n_logged, stamped))
         self.n_logged += 1
         log.info(line)
+
+    def _training_time(self) -> float:
+        """From the first step to the last (start-up and final evaluation excluded)."""
+        if not self.timeline:
+            return 0.0
+        return self.timeline[-1][0] - self._t_first_step
 
     def _mean_step_time(self) -> float:
         return float(np.mean(self.step_times)) if self.step_times else 0.0
