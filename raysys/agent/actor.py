@@ -23,6 +23,7 @@ import ray
 from raysys.agent.featurize import featurize
 from raysys.agent.policies import Policy, make_policy
 from raysys.control import metrics
+from raysys.control.controller import OnCreatorNode
 from raysys.control.decisions import Noop, describe
 from raysys.control.guardrails import GuardrailConfig, Guardrails
 from raysys.control.snapshot import Snapshot
@@ -191,4 +192,5 @@ def parse_node_gauges(text: str) -> dict[str, float]:
 
 
 # Restarted by Ray if its process dies; the constructor restarts the loop.
-RemoteAgentActor = ray.remote(num_cpus=0, max_concurrency=4, max_restarts=3)(AgentActor)
+RemoteAgentActor = OnCreatorNode(
+    ray.remote(num_cpus=0, max_concurrency=4, max_restarts=3)(AgentActor))

@@ -15,23 +15,26 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from enum import Enum
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysys.control import metrics
-from raysys.control.decisions import Decision, Noop, Rebalance, Replace, Scale, describe
+from raysys.control.decisions import Decision
+from raysys.control.events import PartnerCounters, Progress, RescaleEvent
+from raysys.control.executor import DecisionExecutor
 from raysys.control.snapshot import NodeView, PartnerView, Snapshot, WorkerView
 from raysys.data.sampler import partner_batch_sizes
 from raysys.data.sources import DataError, check_schema_agreement
-from raysys.spec import JobSpec, node_matches
+from raysys.spec import JobSpec
 from raysys.train.checkpoint import Checkpoint, CheckpointStore
 from raysys.train.collective import StoreServer
 from raysys.train.evaluation import evaluate_remote
-from raysys.train.group import ElasticGroup, GroupError, Member, MemberState
+from raysys.train.group import ElasticGroup, GroupError, MemberState
 from raysys.train.replica import Replica, ReplicaConfig
 
 log = logging.getLogger(__name__)
@@ -49,42 +52,6 @@ class JobState(Enum):
         self.terminal = terminal
 
 
-@dataclass
-class RescaleEvent:
-    kind: str  # scale_up | scale_down | replace | rebalance | recovery
-    detail: str
-    t_decision: float
-    t_ready: float | None = None  # group re-formed at its new size
-    t_first_step: float | None = None  # first step at the new size completed
-    step: int | None = None
-
-    @property
-    def latency_s(self) -> float | None:
-        return None if self.t_first_step is None else self.t_first_step - self.t_decision
-
-
-@dataclass
-class PartnerCounters:
-    samples: int = 0
-    skipped_steps: int = 0
-    failures: int = 0
-
-
-@dataclass
-class Progress:
-    state: str
-    step: int
-    steps: int
-    loss: float | None
-    samples_per_s: float
-    step_time_s: float
-    workers: dict[str, int]
-    generation: int
-    elapsed_s: float
-    events: list[str] = field(default_factory=list)
-    next_event: int = 0  # pass as `since` to get only lines not seen yet
-
-
 class JobController:
     def __init__(self, spec: dict, resume: bool = False) -> None:
         self.spec = JobSpec.model_validate(spec)
@@ -97,7 +64,6 @@ class JobController:
         self.decisions: queue.Queue[Decision] = queue.Queue()
         self.rescales: list[RescaleEvent] = []
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
-        self._pending: dict[str, RescaleEvent] = {}  # cold newcomer id -> its decision's event
         self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
         self.losses: deque[float] = deque(maxlen=20)
         self.step_times: deque[float] = deque(maxlen=20)  # slowest worker's compute + sync
@@ -116,6 +82,7 @@ class JobController:
         self._stop = threading.Event()
         store = StoreServer(ray.util.get_node_ip_address())
         self.group = ElasticGroup(self.spec, store)
+        self.executor = DecisionExecutor(self.spec, self.group, self._log)
         self.ckpt = CheckpointStore(self.spec.checkpoint.storage_path, self.spec.name,
                                     self.spec.checkpoint.keep)
         self._tags = {"job": self.spec.name}
@@ -439,9 +406,9 @@ class JobController:
             if m.state is MemberState.ACTIVE:
                 if m.replaces:
                     self.group.retire(m.replaces)
-                changed.append(self._pending_event_for(m))
+                changed.append(self.executor.joined(m))
         while not self.decisions.empty():
-            event = self._apply(self.decisions.get())
+            event = self.executor.apply(self.decisions.get())
             if event is not None:
                 changed.append(event)
         structural = [e for e in changed if e.kind != "rebalance"]
@@ -457,90 +424,6 @@ class JobController:
                 e.t_ready, e.step = time.time(), self.step
                 self.rescales.append(e)
                 self._open_events.append(e)
-
-    def _pending_event_for(self, m: Member) -> RescaleEvent:
-        event = self._pending.pop(m.id, None)
-        # No decision asked for this member: it replaces a failed worker (failure policy).
-        return event or RescaleEvent("recovery", f"{m.id} joined", time.time())
-
-    def _apply(self, d: Decision) -> RescaleEvent | None:
-        """Turn one decision into group operations; returns an event when the group changed now.
-
-        Cold newcomers return None here: their event is opened when they join.
-        """
-        now = time.time()
-        if isinstance(d, Noop):
-            return None
-        self._log(f"decision: {describe(d)}")
-        if isinstance(d, Scale):
-            return self._scale(d, now)
-        if isinstance(d, Replace):
-            return self._replace(d, now)
-        if isinstance(d, Rebalance):
-            active = self.group.active(d.partner)
-            members = {m.id for m in active}
-            shares = [float(d.split.get(m.id, 1.0)) for m in active]
-            if _same_proportions(shares, [m.share for m in active]):
-                return None  # the split already is this one: nothing changes
-            for m, share in zip(active, shares, strict=True):
-                m.share = share
-            unknown = set(d.split) - members
-            if unknown:
-                self._log(f"rebalance: ignoring workers not active in {d.partner}: {unknown}")
-            return RescaleEvent("rebalance", describe(d), now)
-        raise TypeError(f"not a decision: {d!r}")
-
-    def _scale(self, d: Scale, now: float) -> RescaleEvent | None:
-        p = self.spec.partner(d.partner)
-        active = self.group.active(p.name)
-        starting = self.group.with_state(MemberState.STARTING, p.name)
-        if d.delta > 0:
-            room = p.workers.max - len(active) - len([m for m in starting
-                                                      if m.join_as is MemberState.ACTIVE])
-            n = min(d.delta, room)
-            spares = self.group.with_state(MemberState.SPARE, p.name)[:n]
-            for m in spares:
-                m.state = MemberState.ACTIVE
-            for _ in range(n - len(spares)):
-                m = self.group.start(p, MemberState.ACTIVE)
-                self._pending[m.id] = RescaleEvent("scale_up", f"{m.id} (cold)", now)
-            for _ in range(len(spares)):  # keep the pool of warm spares full
-                self.group.start(p, MemberState.SPARE)
-            if n < d.delta:
-                self._log(f"{describe(d)}: clipped to +{n} by max {p.workers.max}")
-            if spares:
-                return RescaleEvent("scale_up", f"{', '.join(m.id for m in spares)} (warm)", now)
-            return None
-        n = min(-d.delta, len(active) - p.workers.min)
-        if n <= 0:
-            self._log(f"{describe(d)}: refused, {p.name} is at its minimum {p.workers.min}")
-            return None
-        # The slowest workers leave first (as in the simulator); unmeasured ones count as fast.
-        leaving = sorted(active, key=lambda m: m.recent_step_s)[-n:]
-        for m in leaving:
-            self.group.retire(m.id)
-        return RescaleEvent("scale_down", ", ".join(m.id for m in leaving), now)
-
-    def _replace(self, d: Replace, now: float) -> RescaleEvent | None:
-        old = self.group.members.get(d.worker)
-        if old is None or old.state is MemberState.GONE:
-            self._log(f"replace: no live worker {d.worker}")
-            return None
-        p = self.spec.partner(old.partner)
-        if d.node is not None:
-            node = next((n for n in ray.nodes() if n["NodeID"] == d.node and n["Alive"]), None)
-            if node is None or not node_matches(node.get("Labels") or {}, p.placement):
-                self._log(f"replace: node {d.node} is not a live node of {p.name}'s placement")
-                return None
-        spare = next(iter(self.group.with_state(MemberState.SPARE, p.name)), None)
-        if spare is not None and d.node in (None, spare.info.node_id):
-            spare.state = MemberState.ACTIVE
-            self.group.retire(old.id)
-            self.group.start(p, MemberState.SPARE)
-            return RescaleEvent("replace", f"{old.id} -> {spare.id} (warm)", now)
-        m = self.group.start(p, MemberState.ACTIVE, node_id=d.node, replaces=old.id)
-        self._pending[m.id] = RescaleEvent("replace", f"{old.id} -> {m.id} (cold)", now)
-        return None
 
     # -- checkpoints, evaluation, summary ----------------------------------------------------
     def _maybe_checkpoint(self, state: dict | None = None) -> None:
@@ -626,9 +509,23 @@ class JobController:
             metrics.WORKERS.set(n, tags={**self._tags, "partner": partner})
 
 
-def _same_proportions(a: list[float], b: list[float], tol: float = 1e-3) -> bool:
-    sa, sb = sum(a), sum(b)
-    return len(a) == len(b) and all(abs(x / sa - y / sb) <= tol for x, y in zip(a, b, strict=True))
+class OnCreatorNode:
+    """A Ray actor class whose actors start on the node of the process that creates them.
+
+    The controller and the agent hold no data and use no CPU to speak of; what matters is that
+    they do not die with a partner's node (a removed or failed node takes its actors with it). The
+    driver's node is the one whose loss ends the job anyway.
+    """
+
+    def __init__(self, actor_class) -> None:
+        self._actor_class = actor_class
+
+    def options(self, **options):
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return self._actor_class.options(**{"scheduling_strategy": here, **options})
+
+    def remote(self, *args, **kwargs):
+        return self.options().remote(*args, **kwargs)
 
 
-RemoteJobController = ray.remote(num_cpus=0, max_concurrency=8)(JobController)
+RemoteJobController = OnCreatorNode(ray.remote(num_cpus=0, max_concurrency=8)(JobController))
