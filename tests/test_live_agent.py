@@ -86,3 +86,31 @@ def test_node_metrics_are_scraped_into_the_snapshot(ray_cluster):
         time.sleep(1)
     assert all(0 < n.memory_used_fraction < 1 for n in snap.nodes)
     assert all(0 <= n.cpu_utilization <= 1 for n in snap.nodes)
+
+
+def test_a_killed_agent_is_restarted_and_steers_again(ray_cluster, two_partner_data, tmp_path):
+    spec = make_spec(two_partner_data, tmp_path, steps=100_000)
+    spec["agent"] = {"policy": "threshold", "interval_s": 0.5}
+    controller = RemoteJobController.remote(spec)
+    done = controller.run.remote()
+    agent = RemoteAgentActor.remote(controller, spec)
+    try:
+        wait_for(controller, lambda p: p["step"] >= 3)
+        pid = ray.get(agent.pid.remote())
+        ray.kill(agent, no_restart=False)  # as if its process had crashed
+        deadline = time.time() + 60
+        status = None
+        while time.time() < deadline:
+            try:
+                status = ray.get(agent.status.remote(), timeout=5)
+                if ray.get(agent.pid.remote(), timeout=5) != pid:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.5)
+        assert status is not None and status["running"] and status["policy"] == "threshold"
+        assert ray.get(agent.pid.remote()) != pid
+        ray.get(controller.stop.remote())
+        ray.get(done)
+    finally:
+        ray.kill(agent, no_restart=True)
+        ray.kill(controller)

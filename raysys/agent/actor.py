@@ -14,6 +14,7 @@ started by the constructor, so when Ray restarts a dead AgentActor it resumes st
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import urllib.request
@@ -61,6 +62,9 @@ class AgentActor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     # -- policy ------------------------------------------------------------------------------
     def _load_policy(self, config: GuardrailConfig) -> Policy:
