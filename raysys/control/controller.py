@@ -392,6 +392,7 @@ class JobController:
         self._export_worker_counts()
 
     def _close_events(self, t_first_step: float) -> None:
+        self.executor.refill_spares()
         for e in self._open_events:
             e.t_first_step = t_first_step
             metrics.RESCALE_SECONDS.observe(e.latency_s, tags={**self._tags, "kind": e.kind})

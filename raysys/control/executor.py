@@ -26,6 +26,15 @@ class DecisionExecutor:
         self.group = group
         self.log = log
         self.pending: dict[str, RescaleEvent] = {}  # cold newcomer id -> its decision's event
+        # Partners whose warm spare was used. The new spare is started only once the change
+        # has taken effect: starting an actor (importing torch) competes for the CPUs the
+        # re-formed group needs for its first steps.
+        self.spares_to_refill: list[str] = []
+
+    def refill_spares(self) -> None:
+        for name in self.spares_to_refill:
+            self.group.start(self.spec.partner(name), MemberState.SPARE)
+        self.spares_to_refill.clear()
 
     def joined(self, m: Member) -> RescaleEvent:
         event = self.pending.pop(m.id, None)
@@ -73,8 +82,7 @@ class DecisionExecutor:
             for _ in range(n - len(spares)):
                 m = self.group.start(p, MemberState.ACTIVE)
                 self.pending[m.id] = RescaleEvent("scale_up", f"{m.id} (cold)", now)
-            for _ in range(len(spares)):  # keep the pool of warm spares full
-                self.group.start(p, MemberState.SPARE)
+            self.spares_to_refill += [p.name] * len(spares)
             if n < d.delta:
                 self.log(f"{describe(d)}: clipped to +{n} by max {p.workers.max}")
             if spares:
@@ -105,7 +113,7 @@ class DecisionExecutor:
         if spare is not None and d.node in (None, spare.info.node_id):
             spare.state = MemberState.ACTIVE
             self.group.retire(old.id)
-            self.group.start(p, MemberState.SPARE)
+            self.spares_to_refill.append(p.name)
             return RescaleEvent("replace", f"{old.id} -> {spare.id} (warm)", now)
         m = self.group.start(p, MemberState.ACTIVE, node_id=d.node, replaces=old.id)
         self.pending[m.id] = RescaleEvent("replace", f"{old.id} -> {m.id} (cold)", now)
