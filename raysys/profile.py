@@ -21,13 +21,14 @@ from raysys.spec import JobSpec
 
 def profile_spec(spec: JobSpec, workers: int, local_batch: int, steps: int,
                  storage: str) -> dict:
-    """The job reduced to its first partner at a fixed size and batch, no checkpoints."""
+    """The job reduced to its first partner at a fixed size and batch: no checkpoints, no
+    evaluation, no agent, no injected faults."""
     first = spec.partners[0].model_dump()
     first["workers"] = {"initial": workers, "min": workers, "max": workers, "spares": 0}
     data = spec.model_dump()
     data.update(
         name=f"{spec.name}-profile", partners=[first], global_batch_size=workers * local_batch,
-        steps=steps, evaluation=None,
+        steps=steps, evaluation=None, chaos=[], agent={"policy": "static"},
         checkpoint={"storage_path": storage, "every_steps": 0, "keep": 1},
     )
     data["runtime"]["steps_per_call"] = 5
