@@ -1,4 +1,5 @@
-"""`raysys agent ...`: evaluate policies, fit step-time profiles, train TabularQ, check scenarios.
+"""`raysys agent ...`: evaluate policies, fit step-time profiles, train TabularQ and the RL policy,
+check scenarios.
 
 raysys/cli.py adds these with add_agent_parser(subparsers); every subcommand sets `func`, which
 returns the exit code. `python -m raysys.agent.cli agent ...` runs them stand-alone.
@@ -25,8 +26,9 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--policies",
         default=DEFAULT_POLICIES,
-        help="comma list: static,threshold,goodput,tabularq,oracle-static,...",
+        help="comma list: static,threshold,goodput,tabularq,rl,oracle-static,...",
     )
+    ev.add_argument("--rl-checkpoint", help="RLModule checkpoint for rl (default: the shipped one)")
     ev.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per scenario")
     ev.add_argument("--jobs", type=int, default=1, help="worker processes")
     ev.add_argument("--json", default="eval.json", help="where to write all results")
@@ -49,6 +51,28 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default="tabularq.json")
     train.set_defaults(func=cmd_train_tabular)
+
+    rl = sub.add_parser(
+        "train", help="train the RL policy (PPO, RLlib) in the simulator and evaluate it"
+    )
+    rl.add_argument("--scenarios", default="scenarios")
+    rl.add_argument("--out", default="runs/agent-train", help="checkpoint, logs, evaluation")
+    rl.add_argument("--seed", type=int, default=0)
+    rl.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for PPO")
+    rl.add_argument("--iterations", type=int, default=10_000, help="at most this many PPO iters")
+    rl.add_argument(
+        "--exclude-trace",
+        action="append",
+        default=[],
+        help="hold a Pollux trace out of training (repeatable), e.g. imagenet",
+    )
+    rl.add_argument("--profile-csv", action="append", default=[], help="live profile to swap in")
+    rl.add_argument("--prior", default="goodput", help="teacher for the behaviour-cloning start, "
+                    "or 'none' for PPO from a random network")
+    rl.add_argument("--eval-seeds", type=int, default=10, help="0: skip the evaluation")
+    rl.add_argument("--ship", action="store_true",
+                    help="also copy the trained RLModule to the shipped default policy folder")
+    rl.set_defaults(func=cmd_train_rl)
 
     check = sub.add_parser("check", help="validate scenario files and show their initial state")
     check.add_argument("scenarios", nargs="+", help="scenario files or folders")
@@ -77,7 +101,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         kwargs = {}
         if name == "tabularq":
             kwargs["table"] = _tabular_table(args, scenarios)
+        if name == "rl" and args.rl_checkpoint:
+            kwargs["checkpoint"] = str(Path(args.rl_checkpoint).resolve())
         builders[name] = default_builder(name, **kwargs)
+    if "rl" in builders:
+        from raysys.agent.rl.policy import CheckpointError, RLPolicy
+
+        try:  # fail here, with the path, rather than inside the first episode
+            RLPolicy(checkpoint=dict(builders["rl"].kwargs).get("checkpoint"))
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     from raysys.agent.policies import available_policies
 
     unknown = [n for n in builders if n not in available_policies()]
@@ -161,6 +195,37 @@ def cmd_train_tabular(args: argparse.Namespace) -> int:
         f"{args.episodes} episodes in {time.perf_counter() - start:.1f} s, "
         f"{len(table.values)} states; table written to {path}"
     )
+    return 0
+
+
+def cmd_train_rl(args: argparse.Namespace) -> int:
+    from raysys.agent.rl.card import ship, training_command
+    from raysys.agent.rl.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        out=args.out,
+        seed=args.seed,
+        minutes=args.minutes,
+        max_iterations=args.iterations,
+        scenarios=args.scenarios,
+        exclude_traces=tuple(args.exclude_trace),
+        profile_csvs=tuple(args.profile_csv),
+        prior=None if args.prior.lower() == "none" else args.prior,
+        eval_seeds=args.eval_seeds,
+    )
+    try:
+        result = train(cfg, command=training_command())
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{result.iterations} PPO iterations, {result.env_steps} env steps, "
+        f"{result.train_seconds:.0f} s of PPO, {result.total_seconds:.0f} s in all; "
+        f"RLModule in {result.module}, Algorithm checkpoint in {result.algorithm}, "
+        f"TensorBoard logs in {result.out / 'tb'}"
+    )
+    if args.ship:
+        print(f"shipped: {ship(result.out)}")
     return 0
 
 
