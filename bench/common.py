@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from raysys.data.demo import write_blobs_table as write_table  # noqa: F401 (re-export)
 from raysys.data.sampler import split_indices, step_indices
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -59,18 +57,6 @@ def worker_runtime_env() -> dict:
     """runtime_env that lets Ray workers `import common` (Ray Train loops call into it)."""
     path = os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}}
-
-
-def write_table(path: Path, rows: int, features: int, classes: int, seed: int) -> str:
-    """Synthetic Gaussian-blob classification table, as tests/conftest.py writes it."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(classes, features))
-    y = rng.integers(0, classes, size=rows)
-    x = (centers[y] + rng.normal(scale=1.5, size=(rows, features))).astype(np.float32)
-    cols = {f"f{i}": x[:, i] for i in range(features)}
-    cols["label"] = y.astype(np.int64)
-    pq.write_table(pa.table(cols), path)
-    return str(path)
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,

@@ -12,10 +12,9 @@ import socket
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
+
+from raysys.data.demo import write_blobs_table as write_table  # noqa: E402
 
 
 def free_metrics_port() -> int:
@@ -47,17 +46,6 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
-
-
-def write_table(path, rows: int, features: int, classes: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(classes, features))
-    y = rng.integers(0, classes, size=rows)
-    x = (centers[y] + rng.normal(scale=1.5, size=(rows, features))).astype(np.float32)
-    cols = {f"f{i}": x[:, i] for i in range(features)}
-    cols["label"] = y.astype(np.int64)
-    pq.write_table(pa.table(cols), path)
-    return str(path)
 
 
 @pytest.fixture

@@ -143,3 +143,16 @@ def _write_parquet(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     columns = {name: pa.array(x[:, j], type=pa.float32()) for j, name in enumerate(FEATURES)}
     columns[LABEL] = pa.array(y, type=pa.int64())
     pq.write_table(pa.table(columns), path)
+
+
+def write_blobs_table(path: str | Path, rows: int, features: int, classes: int, seed: int) -> str:
+    """A synthetic classification table (Gaussian blobs, columns f0.. and `label`), for tests and
+    benchmarks that need data of a given shape without the digits."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, features))
+    y = rng.integers(0, classes, size=rows)
+    x = (centers[y] + rng.normal(scale=1.5, size=(rows, features))).astype(np.float32)
+    cols = {f"f{i}": x[:, i] for i in range(features)}
+    cols[LABEL] = y.astype(np.int64)
+    pq.write_table(pa.table(cols), path)
+    return str(path)
