@@ -27,7 +27,7 @@ job must): the loop logs time, world size, rank and pid per step to a file.
   below Ray's default of 60 s so the comparison is against its best case; other knobs are Ray's
   defaults (health check every 2 s, resource view refreshed by its AutoscalingCoordinator).
 
-Usage: .venv/bin/python bench/rescale_latency.py [--repeats N] [--skip-ray-train]
+Usage: .venv/bin/python bench/rescale_latency.py [--repeats N] [--skip-ray-train] [--strict]
 """
 
 from __future__ import annotations
@@ -354,6 +354,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--skip-ray-train", action="store_true")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a goal falls short (default: report only, so that "
+                             "`make bench` runs every benchmark)")
     args = parser.parse_args()
     ray_env_defaults()
     torch.set_num_threads(1)
@@ -377,7 +380,7 @@ def main() -> int:
             warm = raysys_scaling(data, str(tmp / "ckpt"), spares=1, repeats=args.repeats)
             print("raysys, worker killed:", flush=True)
             fail = raysys_failures(data, str(tmp / "ckpt"), repeats=args.repeats)
-            rt: dict[str, float | str] = {"error": "skipped (--skip-ray-train)"}
+            rt: dict[str, float | str] = {}  # stays empty with --skip-ray-train
             if not args.skip_ray_train:
                 # Ray Train sizes an elastic group from free CPUs on *every* node, whatever its
                 # label_selector (seen here: "ready resources for 2 workers" with one matching
@@ -427,8 +430,10 @@ def main() -> int:
     if "error" in rt:
         print(f"Ray Train: {rt['error']}")
         ok = False
+    elif args.skip_ray_train:
+        print("Ray Train: skipped (--skip-ray-train); the speed-up goal is not checked")
     print(machine_line())
-    return 0 if ok else 1
+    return 1 if args.strict and not ok else 0
 
 
 if __name__ == "__main__":

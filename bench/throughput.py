@@ -7,10 +7,11 @@ of WINDOW_STEPS steps that are timed one by one. What a window's time covers:
   torchrun   rank 0's wall clock around the window's steps, inside the training loop
              (sampling rows, forward, backward with DDP's all-reduce, optimizer step).
   Ray Train  the same loop and the same clock, run by TorchTrainer workers (prepare_model: DDP).
-  raysys     the controller's own accounting of one call of run_steps (WINDOW_STEPS ==
-             runtime.steps_per_call): wall seconds from the controller sending the call to every
-             worker to having accounted all reports. On top of the peers' work this includes the
-             Ray actor-call round trip and the controller's bookkeeping once per window.
+  raysys     the controller's own timeline (JobController.history(): job time at the end of
+             every call of run_steps; WINDOW_STEPS == runtime.steps_per_call): the wall time
+             from the end of one call to the end of the next, i.e. the whole controller loop
+             for one call. On top of the peers' work this includes the Ray actor-call round
+             trip and the controller's bookkeeping once per window.
 
 Start-up (process launch, rendezvous, data load, model build) is excluded for all three.
 
@@ -19,7 +20,7 @@ window. The machine this was written on is shared with other work, which only ev
 window down, so the best window is the estimate least disturbed by the neighbours; the ratios
 are printed for both.
 
-Usage: .venv/bin/python bench/throughput.py [--rounds N] [--models mlp,cnn]
+Usage: .venv/bin/python bench/throughput.py [--rounds N] [--models mlp,cnn] [--strict]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -62,7 +64,7 @@ from raysys.models import build_model, count_parameters  # noqa: E402
 WORKERS = 2
 GLOBAL_BATCH = 128  # 64 rows per worker and step
 WARMUP_STEPS = 30
-WINDOWS = 10  # raysys's controller keeps the timing of its last 10 calls: all of them count
+WINDOWS = 10
 WINDOW_STEPS = 15  # = raysys runtime.steps_per_call
 CPUS_PER_WORKER = 0.5  # logical CPUs; both Ray-based systems fit on the 2-CPU Ray node
 ROWS = 8192
@@ -165,10 +167,11 @@ def run_raysys(model: str, data: str, storage: str) -> list[float]:
     try:
         summary = ray.get(controller.run.remote())
         assert summary["steps"] == WARMUP_STEPS + WINDOWS * WINDOW_STEPS, summary
-        # (samples, wall seconds) of the controller's last 10 calls: the measured windows.
-        calls = ray.get(controller.__ray_call__.remote(lambda c: list(c.chunk_rates)))
-        assert len(calls) == WINDOWS and all(n == WINDOW_STEPS * GLOBAL_BATCH for n, _ in calls)
-        return [n / s for n, s in calls]
+        # The controller's timeline has (job time, step, ...) at the end of every call; a
+        # window runs from the end of one call to the end of the next.
+        ends = {step: t for t, step, _, _ in ray.get(controller.history.remote())}
+        bounds = [WARMUP_STEPS + w * WINDOW_STEPS for w in range(WINDOWS + 1)]
+        return window_rates([ends[b] - ends[a] for a, b in itertools.pairwise(bounds)])
     finally:
         ray.kill(controller)
 
@@ -177,6 +180,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a goal falls short (default: report only, so that "
+                             "`make bench` runs every benchmark)")
     args = parser.parse_args()
     ray_env_defaults()
     torch.set_num_threads(1)
@@ -244,7 +250,7 @@ def main() -> int:
             print(f"{label} windows: goal >= {GOAL_VS_TORCHRUN}x torchrun and >= "
                   f"{GOAL_VS_RAY_TRAIN}x Ray Train: {'holds' if holds else 'FALLS SHORT'}")
     print(machine_line())
-    return 0 if ok else 1
+    return 1 if args.strict and not ok else 0
 
 
 if __name__ == "__main__":
