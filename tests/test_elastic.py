@@ -134,3 +134,16 @@ def test_partner_left_without_workers_is_skipped_and_recorded(run, two_partner_d
     params = ray.get(controller.parameters.remote())
     skip = {"beta": set(range(30 - skipped, 30))}
     assert max_relative_difference(params, reference_for(spec, skip=skip)) <= TOLERANCE
+
+
+def test_warm_spare_takes_a_killed_workers_place(run, two_partner_data, tmp_path):
+    spec = make_spec(two_partner_data, tmp_path, steps=40, beta_workers=2)
+    spec["partners"][1]["workers"].update(min=2, spares=1)
+    controller, done = run(spec)
+    wait_for(controller, lambda p: p["step"] >= 8)
+    ray.kill(ray.get_actor("raysys:t:beta:0"))
+    wait_for(controller, lambda p: any("spare beta/2 joins" in e for e in p["events"]))
+    params = final_parameters(controller, done)
+    workers = {w["id"]: w["state"] for w in ray.get(controller.workers.remote())}
+    assert workers["beta/0"] == "gone" and workers["beta/2"] in ("active", "gone")
+    assert max_relative_difference(params, reference_for(spec)) <= TOLERANCE

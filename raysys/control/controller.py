@@ -61,7 +61,7 @@ class JobController:
         self.batch_sizes: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
         self.counters = {p.name: PartnerCounters() for p in self.spec.partners}
-        self.decisions: queue.Queue[Decision] = queue.Queue()
+        self.decisions: queue.Queue[tuple[float, Decision]] = queue.Queue()
         self.rescales: list[RescaleEvent] = []
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
         self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
@@ -102,7 +102,9 @@ class JobController:
             raise
 
     def submit(self, decision: Decision) -> None:
-        self.decisions.put(decision)
+        # Stamped now: a rescale's latency counts from here, including the wait for the chunk
+        # of steps that was running when the decision arrived.
+        self.decisions.put((time.time(), decision))
 
     def stop(self) -> None:
         self._stop.set()
@@ -369,6 +371,12 @@ class JobController:
             partner = self.group.members[member_id].partner
             self.counters[partner].failures += 1
             self._log(f"worker {member_id} died at step {self.step}")
+        for p in self.spec.partners:  # a warm spare takes a lost worker's place at once
+            missing = p.workers.min - len(self.group.active(p.name))
+            for spare in self.group.with_state(MemberState.SPARE, p.name)[:max(0, missing)]:
+                spare.state = MemberState.ACTIVE
+                self.executor.spares_to_refill.append(p.name)
+                self._log(f"spare {spare.id} joins to keep {p.name} at its minimum")
         self._reform(event)
         for p in self.spec.partners:
             starting = len(self.group.with_state(MemberState.STARTING, p.name))
@@ -409,7 +417,7 @@ class JobController:
                     self.group.retire(m.replaces)
                 changed.append(self.executor.joined(m))
         while not self.decisions.empty():
-            event = self.executor.apply(self.decisions.get())
+            event = self.executor.apply(*self.decisions.get())
             if event is not None:
                 changed.append(event)
         structural = [e for e in changed if e.kind != "rebalance"]

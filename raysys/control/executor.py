@@ -41,12 +41,13 @@ class DecisionExecutor:
         # No decision asked for this member: it replaces a failed worker (failure policy).
         return event or RescaleEvent("recovery", f"{m.id} joined", time.time())
 
-    def apply(self, d: Decision) -> RescaleEvent | None:
+    def apply(self, submitted: float, d: Decision) -> RescaleEvent | None:
         """Turn one decision into group operations; returns an event when the group changed now.
 
-        Cold newcomers return None here: their event is opened when they join.
+        `submitted` is when the decision arrived: its event's latency counts from then. Cold
+        newcomers return None here: their event is opened when they join.
         """
-        now = time.time()
+        now = submitted
         if isinstance(d, Noop):
             return None
         self.log(f"decision: {describe(d)}")
