@@ -58,7 +58,7 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> None:
     rl.add_argument("--scenarios", default="scenarios")
     rl.add_argument("--out", default="runs/agent-train", help="checkpoint, logs, evaluation")
     rl.add_argument("--seed", type=int, default=0)
-    rl.add_argument("--minutes", type=float, default=15.0, help="wall-clock budget for PPO")
+    rl.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget for PPO")
     rl.add_argument("--iterations", type=int, default=10_000, help="at most this many PPO iters")
     rl.add_argument(
         "--exclude-trace",

@@ -13,8 +13,10 @@ each scenario:
 * lambda: cost_per_worker_second multiplied by each of `lambda_scales`.
 
 Scenarios as written make up `original_weight` of the draws (ClusterEnv draws uniformly from a
-list, so they are repeated). A held-out trace (`exclude_traces`) is removed everywhere: its
-scenarios and its profile in swaps, so an evaluation on it measures generalisation.
+list, so they are repeated). A held-out trace (`exclude_traces`) never appears: not as a swap, and
+its scenarios are dropped, or, with `keep_excluded_layouts`, kept only with their profile swapped
+for one of the remaining ones (so an evaluation on them measures the unseen trace alone, not
+also unseen cluster layouts and events).
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def training_distribution(
     exclude_traces: Sequence[str] = (),
     swap_profiles: bool = True,
     lambda_scales: Sequence[float] = (0.5, 1.0, 2.0),
-    original_weight: float = 0.5,
+    original_weight: float = 0.75,
     extra_csvs: Sequence[str | Path] = (),
+    keep_excluded_layouts: bool = False,
 ) -> list[LoadedScenario]:
     """A list to draw episodes from uniformly (ClusterEnv's `scenarios`)."""
     excluded = set(exclude_traces)
@@ -93,6 +96,14 @@ def training_distribution(
         raise ValueError(f"every scenario uses an excluded trace {sorted(excluded)}")
     pool = {k: m for k, m in profile_pool(scenarios, extra_csvs).items() if k not in excluded}
     variants: list[LoadedScenario] = []
+    if keep_excluded_layouts:
+        for s in scenarios:
+            if profile_name(s) in excluded:
+                variants += [
+                    with_lambda(with_profile(s, m, k), scale)
+                    for k, m in pool.items()
+                    for scale in lambda_scales
+                ]
     for s in kept:
         own = profile_name(s)
         profiles = [(own, s)]

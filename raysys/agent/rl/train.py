@@ -32,15 +32,16 @@ class TrainConfig:
     # -- run ------------------------------------------------------------------------------------
     out: str = "runs/agent-train"
     seed: int = 0
-    minutes: float = 15.0  # wall-clock budget for the PPO iterations
+    minutes: float = 25.0  # wall-clock budget for the PPO iterations
     max_iterations: int = 10_000  # stop earlier if reached
     num_cpus: int = 2  # for a local Ray (ignored when Ray is already up, e.g. ray job submit)
     # -- scenario distribution (distribution.py) -------------------------------------------------
     scenarios: str = "scenarios"
     exclude_traces: tuple[str, ...] = ()  # held out: train on the others, evaluate on these
+    keep_excluded_layouts: bool = False  # their scenarios stay, with the other profiles only
     swap_profiles: bool = True
     lambda_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
-    original_weight: float = 0.5  # share of episodes on the scenarios as written
+    original_weight: float = 0.75  # share of episodes on the scenarios as written
     profile_csvs: tuple[str, ...] = ()  # measured live profiles (raysys profile) to swap in
     # -- environment -------------------------------------------------------------------------
     history: bool = True  # append the policy's memory of its rescales (history.py)
@@ -238,6 +239,7 @@ def train(
         lambda_scales=cfg.lambda_scales,
         original_weight=cfg.original_weight,
         extra_csvs=cfg.profile_csvs,
+        keep_excluded_layouts=cfg.keep_excluded_layouts,
     )
     log(f"training distribution: {len(scenarios)} entries from {len(shipped)} scenarios")
     started_ray = _start_ray(cfg)
