@@ -69,7 +69,7 @@ def compare(report: EvalReport, title: str) -> dict:
     print(
         "\nmean ratio to oracle-static: "
         + ", ".join(f"{p} {mean_ratio[p]:.3f}" for p in policies)
-        + f"\nrl vs best heuristic ({best}) in aggregate: {improvement:+.1%} better "
+        + f"\nrl improvement over the best heuristic ({best}) in aggregate: {improvement:+.1%} "
         f"(goal >= {GOAL_AGGREGATE:.0%}: {'met' if improvement >= GOAL_AGGREGATE else 'NOT met'})"
         f"\nworst scenario rl / best heuristic: {worst:.3f} "
         f"(goal <= {GOAL_PER_SCENARIO}: {'met' if worst <= GOAL_PER_SCENARIO else 'NOT met'}); "

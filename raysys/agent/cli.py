@@ -66,6 +66,11 @@ def add_agent_parser(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="hold a Pollux trace out of training (repeatable), e.g. imagenet",
     )
+    rl.add_argument(
+        "--keep-excluded-layouts",
+        action="store_true",
+        help="keep the held-out trace's scenarios, with the other profiles swapped in",
+    )
     rl.add_argument("--profile-csv", action="append", default=[], help="live profile to swap in")
     rl.add_argument("--prior", default="goodput", help="teacher for the behaviour-cloning start, "
                     "or 'none' for PPO from a random network")
@@ -209,6 +214,7 @@ def cmd_train_rl(args: argparse.Namespace) -> int:
         max_iterations=args.iterations,
         scenarios=args.scenarios,
         exclude_traces=tuple(args.exclude_trace),
+        keep_excluded_layouts=args.keep_excluded_layouts,
         profile_csvs=tuple(args.profile_csv),
         prior=None if args.prior.lower() == "none" else args.prior,
         eval_seeds=args.eval_seeds,

@@ -23,7 +23,7 @@ from raysys.control.snapshot import Snapshot
 PolicyFactory = Callable[..., "Policy"]
 _REGISTRY: dict[str, PolicyFactory] = {}
 # Modules whose import registers built-in policies defined outside this file.
-_BUILTIN_MODULES = ("raysys.agent.goodput", "raysys.agent.tabular_q")
+_BUILTIN_MODULES = ("raysys.agent.goodput", "raysys.agent.tabular_q", "raysys.agent.rl.policy")
 
 
 class Policy(ABC):

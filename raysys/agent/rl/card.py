@@ -97,6 +97,8 @@ def command_for(cfg: dict, iterations: int | None = None) -> str:
     else:
         parts.append(f"--iterations {iterations} --minutes 1000")
     parts += [f"--exclude-trace {t}" for t in cfg["exclude_traces"]]
+    if cfg.get("keep_excluded_layouts"):
+        parts.append("--keep-excluded-layouts")
     parts += [f"--profile-csv {c}" for c in cfg["profile_csvs"]]
     parts.append(f"--prior {cfg['prior'] or 'none'}")
     return " ".join(parts)
@@ -105,4 +107,4 @@ def command_for(cfg: dict, iterations: int | None = None) -> str:
 def training_command() -> str:
     if sys.argv[1:2] == ["agent"]:
         return " ".join(["raysys", *sys.argv[1:]])
-    return "raysys agent train"
+    return " ".join(["python", *sys.argv])  # e.g. jobs/train_agent.py under ray job submit
