@@ -137,7 +137,9 @@ class CheckpointSpec(_Strict):
 class AgentSpec(_Strict):
     """Filled by the agent: which policy steers the job and how often it looks."""
 
-    policy: str = "static"
+    # The shipped RL policy steers by default; it falls back to static with a warning if it
+    # cannot be loaded, so a job never depends on it.
+    policy: str = "rl"
     interval_s: float = Field(10.0, gt=0)
     checkpoint: str | None = None  # RLModule checkpoint for the `rl` policy
     cooldown_s: float = Field(30.0, ge=0)

@@ -76,6 +76,8 @@ def make_spec(data: dict, tmp_path, steps: int = 24, alpha_workers: int = 1,
         ],
         "checkpoint": {"storage_path": str(tmp_path / "ckpt"), "every_steps": 0},
         "runtime": {"collective_timeout_s": 20, "steps_per_call": 1},
+        # Tests that steer with an agent say so; the default (rl) would start one per run_job.
+        "agent": {"policy": "static"},
     }
     for key, value in overrides.items():
         spec[key] = value

@@ -30,6 +30,7 @@ from raysys.control.executor import DecisionExecutor
 from raysys.control.snapshot import NodeView, PartnerView, Snapshot, WorkerView
 from raysys.data.sampler import partner_batch_sizes
 from raysys.data.sources import DataError, check_schema_agreement
+from raysys.data.summary import compare_summaries
 from raysys.spec import JobSpec
 from raysys.train.checkpoint import Checkpoint, CheckpointStore
 from raysys.train.collective import StoreServer
@@ -79,6 +80,7 @@ class JobController:
         self.error: str | None = None
         self.final_state: dict | None = None
         self.resumed_from: int | None = None
+        self.data_warnings: list[str] = []  # partners' data differ (from aggregates only)
         self._stop = threading.Event()
         store = StoreServer(ray.util.get_node_ip_address())
         self.group = ElasticGroup(self.spec, store)
@@ -137,7 +139,9 @@ class JobController:
                               m.recent_step_s, m.local_batch, m.state is MemberState.ACTIVE)
                    for m in self.group.members.values()
                    if m.state is MemberState.ACTIVE or (m.died and now - m.t_gone < 60)]
-        partners = [PartnerView(p.name, len(self.group.active(p.name)), p.workers.min,
+        # The agent's floor is one worker even where the spec allows 0: a partner without
+        # workers drops its data from the job, which only a failure may cause, never a policy.
+        partners = [PartnerView(p.name, len(self.group.active(p.name)), max(p.workers.min, 1),
                                 p.workers.max, self.batch_sizes.get(p.name, 0))
                     for p in s.partners]
         free = ray._private.state.available_resources_per_node()  # no public per-node view
@@ -190,10 +194,16 @@ class JobController:
             for _ in range(p.workers.spares):
                 self.group.start(p, MemberState.SPARE)
         infos = self._load_all()
-        schemas = {}
+        schemas, summaries = {}, {}
         for info in infos:
             schemas.setdefault(info.partner, info.schema)
+            summaries.setdefault(info.partner, info.summary)
         features, num_classes = check_schema_agreement(schemas, self.spec.num_classes)
+        # Only aggregates crossed the partner boundary; hard mismatches raise DataError here,
+        # distribution differences are warnings (one model needs consistent data).
+        self.data_warnings = compare_summaries(summaries)
+        for warning in self.data_warnings:
+            self._log(f"data warning: {warning}")
         self.sizes = {name: s.rows for name, s in schemas.items()}
         self.batch_sizes = partner_batch_sizes(self.sizes, self.spec.global_batch_size)
         if ckpt is not None:
@@ -480,7 +490,7 @@ class JobController:
             "batch_per_step": self.batch_sizes, "workers": self.group.counts(),
             "rescales": len(self.rescales), "wall_time_s": time.time() - self.t_start,
             "training_time_s": self._training_time(), "worker_seconds": self.worker_seconds,
-            "samples_per_s": self._throughput(),
+            "samples_per_s": self._throughput(), "data_warnings": self.data_warnings,
         }
         self.group.shutdown()
         return summary

@@ -22,6 +22,7 @@ import torch
 from raysys.control import metrics
 from raysys.data.sampler import split_indices, step_indices
 from raysys.data.sources import TableSchema, load_partner_table
+from raysys.data.summary import DataSummary, summarize
 from raysys.train.collective import CollectiveError, GenerationGroup
 from raysys.train.replica import Replica, ReplicaConfig
 
@@ -59,6 +60,7 @@ class WorkerInfo:
     node_ip: str
     pid: int
     schema: TableSchema
+    summary: DataSummary  # aggregates only (no row): what partners compare before training
 
 
 class PartnerWorker:
@@ -88,7 +90,8 @@ class PartnerWorker:
         self._y = torch.from_numpy(table.y)
         ctx = ray.get_runtime_context()
         return WorkerInfo(self.worker_id, self.partner, ctx.get_node_id(),
-                          ray.util.get_node_ip_address(), os.getpid(), table.schema)
+                          ray.util.get_node_ip_address(), os.getpid(), table.schema,
+                          summarize(table.x, table.y, table.schema))
 
     def build(self, cfg: ReplicaConfig, state: dict | None = None) -> int:
         """Build the replica (same seed everywhere: same initial parameters), or load `state`."""
