@@ -19,6 +19,7 @@ from ray.exceptions import RayTaskError
 from rich.console import Console
 from rich.table import Table
 
+from raysys.control.ledger import format_ledger
 from raysys.data.sources import DataError
 from raysys.spec import JobSpec, check_against_cluster
 from raysys.yamlio import ConfigError
@@ -199,10 +200,8 @@ def print_summary(summary: dict) -> None:
         h = summary["held_out"]
         table.add_row("held-out loss", f"{h['loss']:.4f}")
         table.add_row("held-out accuracy", f"{h['accuracy']:.3f} ({h['rows']} rows)")
-    for name, c in summary["partners"].items():
-        skipped = f", {c['skipped_steps']} steps skipped" if c["skipped_steps"] else ""
-        failures = f", {c['failures']} failures" if c["failures"] else ""
-        table.add_row(f"samples from {name}", f"{c['samples']}{skipped}{failures}")
+    for name, line in format_ledger(summary["partners"]):
+        table.add_row(f"partner {name}", line)
     table.add_row("rescales", str(summary["rescales"]))
     agent = summary.get("agent")
     if agent:

@@ -25,8 +25,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysys.control import metrics
 from raysys.control.decisions import Decision
-from raysys.control.events import PartnerCounters, Progress, RescaleEvent
+from raysys.control.events import Progress, RescaleEvent
 from raysys.control.executor import DecisionExecutor
+from raysys.control.ledger import Ledger
 from raysys.control.snapshot import NodeView, PartnerView, Snapshot, WorkerView
 from raysys.data.sampler import partner_batch_sizes
 from raysys.data.sources import DataError, check_schema_agreement
@@ -61,7 +62,7 @@ class JobController:
         self.step = 0
         self.batch_sizes: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
-        self.counters = {p.name: PartnerCounters() for p in self.spec.partners}
+        self.ledger = Ledger([p.name for p in self.spec.partners], self.spec.name)
         self.decisions: queue.Queue[tuple[float, Decision]] = queue.Queue()
         self.rescales: list[RescaleEvent] = []
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
@@ -119,6 +120,7 @@ class JobController:
             samples_per_s=self._throughput(), step_time_s=self._mean_step_time(),
             workers=self.group.counts(), generation=self.group.generation,
             elapsed_s=time.time() - self.t_start,
+            ledger=self.ledger.to_dict(),
             events=[line for i, line in list(self.log_lines) if i >= since],
             next_event=self.n_logged,
         ))
@@ -152,7 +154,7 @@ class JobController:
         last = self.rescales[-1] if self.rescales else None
         return Snapshot(
             time_s=now - self.t_start, step=self.step,
-            samples_done=sum(c.samples for c in self.counters.values()),
+            samples_done=self.ledger.total_samples(),
             samples_total=s.steps * s.global_batch_size, workers=workers, partners=partners,
             nodes=nodes, cpus_per_worker={p.name: p.cpus_per_worker for p in s.partners},
             placement={p.name: dict(p.placement) for p in s.partners},
@@ -217,7 +219,7 @@ class JobController:
             state_ref = ray.put(ckpt.state)
             ray.get([m.actor.import_state.remote(state_ref)
                      for m in self.group.active() + self.group.with_state(MemberState.SPARE)])
-            self.counters = {k: PartnerCounters(**v) for k, v in ckpt.counters.items()}
+            self.ledger.load_dict(ckpt.counters)
             self.resumed_from = ckpt.step
             self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
         self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
@@ -352,11 +354,14 @@ class JobController:
             self.step_log.append((self.step + i, step_time, slowest.sync_s[i]))
             if i == 0:
                 self._close_events(t_chunk + step_time)
-        for p in self.spec.partners:
-            if counts[p.name]:
-                self.counters[p.name].samples += self.batch_sizes[p.name] * advanced
-            else:
-                self.counters[p.name].skipped_steps += advanced
+        compute_s: dict[str, float] = {}
+        bytes_sent: dict[str, int] = {}
+        for member_id, r in reports.items():
+            partner = self.group.members[member_id].partner
+            compute_s[partner] = compute_s.get(partner, 0.0) + sum(r.compute_s[:advanced])
+            bytes_sent[partner] = bytes_sent.get(partner, 0) + sum(r.bytes_sent[:advanced])
+        self.ledger.record_steps(advanced, self.batch_sizes, counts, compute_s, bytes_sent)
+        self.ledger.export_metrics()
         self.step += advanced
         now = time.time()
         self.chunk_rates.append((advanced * sum(self.batch_sizes[p] for p, c in counts.items()
@@ -379,7 +384,7 @@ class JobController:
         for member_id in lost:
             self.group.mark_dead(member_id)
             partner = self.group.members[member_id].partner
-            self.counters[partner].failures += 1
+            self.ledger.record_failure(partner)
             self._log(f"worker {member_id} died at step {self.step}")
         for p in self.spec.partners:  # a warm spare takes a lost worker's place at once
             missing = p.workers.min - len(self.group.active(p.name))
@@ -458,7 +463,7 @@ class JobController:
             self.step, state,
             sampler={"seed": self.spec.seed, "sizes": self.sizes,
                      "batch_sizes": self.batch_sizes},
-            counters={k: asdict(v) for k, v in self.counters.items()},
+            counters=self.ledger.to_dict(),
         ))
         self._log(f"checkpoint {path}")
 
@@ -486,7 +491,7 @@ class JobController:
             "resumed_from_step": self.resumed_from,
             "final_loss": float(np.mean(list(self.losses)[-5:])) if self.losses else None,
             "held_out": held_out,
-            "partners": {k: asdict(v) for k, v in self.counters.items()},
+            "partners": self.ledger.to_dict(),
             "batch_per_step": self.batch_sizes, "workers": self.group.counts(),
             "rescales": len(self.rescales), "wall_time_s": time.time() - self.t_start,
             "training_time_s": self._training_time(), "worker_seconds": self.worker_seconds,

@@ -1,4 +1,4 @@
-"""What the controller records about a job: rescale events, per-partner counters, progress."""
+"""What the controller records about a job: rescale events and progress."""
 
 from __future__ import annotations
 
@@ -20,13 +20,6 @@ class RescaleEvent:
 
 
 @dataclass
-class PartnerCounters:
-    samples: int = 0
-    skipped_steps: int = 0
-    failures: int = 0
-
-
-@dataclass
 class Progress:
     state: str
     step: int
@@ -37,5 +30,6 @@ class Progress:
     workers: dict[str, int]
     generation: int
     elapsed_s: float
+    ledger: dict[str, dict] = field(default_factory=dict)  # per partner: see control/ledger.py
     events: list[str] = field(default_factory=list)
     next_event: int = 0  # pass as `since` to get only lines not seen yet

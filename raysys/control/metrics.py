@@ -79,6 +79,33 @@ class _Metrics:
             tag_keys=("job", "partner"),
         )
 
+    # -- the contribution ledger, per partner (raysys/control/ledger.py) ----------------------
+    def _partner_gauge(self, name: str, doc: str):
+        return self._m.Gauge(name, doc, tag_keys=("job", "partner"))
+
+    @cached_property
+    def PARTNER_SAMPLES(self):
+        return self._partner_gauge("raysys_partner_samples", "Samples a partner contributed.")
+
+    @cached_property
+    def PARTNER_COMPUTE_SECONDS(self):
+        return self._partner_gauge("raysys_partner_compute_seconds",
+                                   "Compute seconds of a partner's workers.")
+
+    @cached_property
+    def PARTNER_BYTES(self):
+        return self._partner_gauge("raysys_partner_bytes_sent",
+                                   "Bytes a partner's workers sent in gradient all-reduces.")
+
+    @cached_property
+    def PARTNER_SKIPPED_STEPS(self):
+        return self._partner_gauge("raysys_partner_skipped_steps",
+                                   "Steps a partner did not contribute to.")
+
+    @cached_property
+    def PARTNER_EPSILON(self):
+        return self._partner_gauge("raysys_partner_epsilon",
+                                   "Differential-privacy epsilon a partner has spent.")
 
     @cached_property
     def AGENT_DECISIONS(self):

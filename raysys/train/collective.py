@@ -63,10 +63,12 @@ class GenerationGroup:
                     f"generation {generation}: rendezvous of rank {rank}/{world} failed: {exc}"
                 ) from exc
 
-    def all_reduce_sum(self, buckets: list[torch.Tensor]) -> None:
-        """Sum each flat bucket across the generation, in place, in one batch of async ops."""
+    def all_reduce_sum(self, buckets: list[torch.Tensor]) -> int:
+        """Sum each flat bucket across the generation, in place, in one batch of async ops.
+        Returns the bytes this worker sent, as a ring all-reduce sends them: 2 (n-1)/n of the
+        payload (for the contribution ledger)."""
         if self._pg is None:
-            return
+            return 0
         try:
             works = [self._pg.allreduce([b]) for b in buckets]
             for w in works:
@@ -75,6 +77,8 @@ class GenerationGroup:
             raise CollectiveError(
                 f"generation {self.generation}: all-reduce failed on rank {self.rank}: {exc}"
             ) from exc
+        payload = sum(b.numel() * b.element_size() for b in buckets)
+        return int(2 * (self.world - 1) / self.world * payload)
 
     def close(self) -> None:
         self._pg = None

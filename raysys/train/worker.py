@@ -49,6 +49,7 @@ class ChunkReport:
     local_batch: list[int] = field(default_factory=list)
     compute_s: list[float] = field(default_factory=list)
     sync_s: list[float] = field(default_factory=list)
+    bytes_sent: list[int] = field(default_factory=list)  # by this worker in each step's all-reduce
     error: str | None = None
 
 
@@ -145,7 +146,7 @@ class PartnerWorker:
                 time.sleep((t1 - t0) * (self.slowdown - 1.0))
                 t1 = time.perf_counter()
             try:
-                self.group.all_reduce_sum(self.replica.buckets)
+                sent = self.group.all_reduce_sum(self.replica.buckets)
             except CollectiveError as exc:
                 report.error = str(exc)
                 break
@@ -158,6 +159,7 @@ class PartnerWorker:
             report.local_batch.append(int(mine.numel()))
             report.compute_s.append(t1 - t0)
             report.sync_s.append(t2 - t1)
+            report.bytes_sent.append(sent)
         self._export_metrics(report)
         return report
 
