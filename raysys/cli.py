@@ -78,6 +78,27 @@ def _cmd_chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    from raysys.runner import NAMESPACE
+    from raysys.status import job_status, print_status, running_jobs
+
+    ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False)
+    try:
+        jobs = [args.job] if args.job else running_jobs()
+        if not jobs:
+            print("no raysys job is running in this cluster")
+        for job in jobs:
+            print_status(job_status(job))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -124,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default="runs/profile.csv")
     prof.add_argument("--address", default=None)
     prof.set_defaults(func=_cmd_profile)
+
+    status = sub.add_parser("status", help="a running job's step, loss, workers per partner and "
+                                            "node, contribution ledger and agent decisions")
+    status.add_argument("job", nargs="?", help="job name (default: every running job)")
+    status.add_argument("--address", default=None)
+    status.set_defaults(func=_cmd_status)
 
     chaos = sub.add_parser("chaos", help="fault injection for testing (slow or kill a worker)")
     chaos_sub = chaos.add_subparsers(dest="chaos_cmd", required=True)
