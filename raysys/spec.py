@@ -93,6 +93,31 @@ class WorkerBounds(_Strict):
         return self
 
 
+class DPSpec(_Strict):
+    """Differential privacy for one partner's contribution (DP-SGD: per-sample clipping to
+    `max_grad_norm`, Gaussian noise of std noise_multiplier * max_grad_norm per step)."""
+
+    noise_multiplier: float | None = Field(None, ge=0)
+    # With target_epsilon alone the noise is chosen so the planned steps spend exactly this
+    # budget; with both, the budget caps a run that goes on longer (e.g. a resumed one).
+    target_epsilon: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(..., gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    # When the budget is spent: the partner stops contributing, or the whole job stops.
+    on_budget_spent: Literal["stop_partner", "stop_job"] = "stop_partner"
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> DPSpec:
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("set noise_multiplier or target_epsilon (or both)")
+        return self
+
+
+class PrivacySpec(_Strict):
+    dp: DPSpec | None = None
+
+
 class PartnerSpec(_Strict):
     name: str
     data: DataSpec
@@ -100,6 +125,7 @@ class PartnerSpec(_Strict):
     placement: dict[str, str] = Field(default_factory=dict)
     workers: WorkerBounds = Field(default_factory=WorkerBounds)
     cpus_per_worker: float = Field(0.5, gt=0)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
 
     @field_validator("name")
     @classmethod
@@ -192,6 +218,9 @@ class JobSpec(_Strict):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     chaos: list[ChaosSpec] = Field(default_factory=list)
+    # Pairwise-masked, fixed-point all-reduce: no worker or network observer sees another
+    # partner's individual gradient, only the sum (raysys/privacy/secagg.py).
+    secure_aggregation: bool = False
 
     @field_validator("name")
     @classmethod
