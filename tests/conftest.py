@@ -49,6 +49,25 @@ def ray_cluster():
 
 
 @pytest.fixture
+def run(ray_cluster):
+    """Start a controller for a spec; the test steers it; parameters are read before shutdown."""
+    started = []
+
+    def start(spec: dict, **kwargs):
+        from raysys.control.controller import RemoteJobController
+
+        controller = RemoteJobController.remote(spec, **kwargs)
+        started.append(controller)
+        return controller, controller.run.remote()
+
+    yield start
+    import ray
+
+    for c in started:
+        ray.kill(c)
+
+
+@pytest.fixture
 def two_partner_data(tmp_path):
     """Small synthetic tables of two partners of different sizes, plus a held-out table."""
     return {

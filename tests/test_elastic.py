@@ -8,11 +8,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 import ray
 from conftest import make_spec
 
-from raysys.control.controller import RemoteJobController
 from raysys.control.decisions import Rebalance, Scale
 from raysys.data.sources import load_partner_table
 from raysys.spec import JobSpec
@@ -43,21 +41,6 @@ def wait_for(controller, predicate, timeout_s: float = 60.0) -> dict:
 def final_parameters(controller, done) -> np.ndarray:
     ray.get(done)
     return ray.get(controller.parameters.remote())
-
-
-@pytest.fixture
-def run(ray_cluster):
-    """Start a controller for a spec; the test steers it; parameters are read before shutdown."""
-    started = []
-
-    def start(spec: dict, **kwargs):
-        controller = RemoteJobController.remote(spec, **kwargs)
-        started.append(controller)
-        return controller, controller.run.remote()
-
-    yield start
-    for c in started:
-        ray.kill(c)
 
 
 def test_rescale_1_3_2_matches_single_process_reference(run, two_partner_data, tmp_path):

@@ -28,6 +28,7 @@ from raysys.control.decisions import Decision
 from raysys.control.events import Progress, RescaleEvent
 from raysys.control.executor import DecisionExecutor
 from raysys.control.ledger import Ledger
+from raysys.control.privacy import PartnerPrivacy
 from raysys.control.snapshot import NodeView, PartnerView, Snapshot, WorkerView
 from raysys.data.sampler import partner_batch_sizes
 from raysys.data.sources import DataError, check_schema_agreement
@@ -82,6 +83,8 @@ class JobController:
         self.final_state: dict | None = None
         self.resumed_from: int | None = None
         self.data_warnings: list[str] = []  # partners' data differ (from aggregates only)
+        self.privacy: PartnerPrivacy | None = None  # per-partner DP plans, accountants, budgets
+        self.stop_reason: str | None = None
         self._stop = threading.Event()
         store = StoreServer(ray.util.get_node_ip_address())
         self.group = ElasticGroup(self.spec, store)
@@ -208,6 +211,9 @@ class JobController:
             self._log(f"data warning: {warning}")
         self.sizes = {name: s.rows for name, s in schemas.items()}
         self.batch_sizes = partner_batch_sizes(self.sizes, self.spec.global_batch_size)
+        self.privacy = PartnerPrivacy(self.spec, self.sizes, self.batch_sizes)
+        for line in self.privacy.describe():
+            self._log(line)
         if ckpt is not None:
             self._check_resumable(ckpt)
         self.group.replica_cfg = self._replica_config(len(features), num_classes)
@@ -220,6 +226,7 @@ class JobController:
             ray.get([m.actor.import_state.remote(state_ref)
                      for m in self.group.active() + self.group.with_state(MemberState.SPARE)])
             self.ledger.load_dict(ckpt.counters)
+            self.privacy.restore(self.ledger)
             self.resumed_from = ckpt.step
             self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
         self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
@@ -306,12 +313,16 @@ class JobController:
                       self.spec.evaluation.every_steps if self.spec.evaluation else None):
             if every:
                 n = min(n, every - self.step % every)
+        left = self.privacy.steps_left(self.ledger)
+        if left is not None:  # never a step past a partner's privacy budget
+            n = min(n, max(1, left))
         if self._open_events or not self.decisions.empty():
             n = 1  # a change is in flight: measure its first step precisely
         return max(1, min(n, self.spec.steps - self.step))
 
     def _run_chunk(self, n: int) -> tuple[dict[str, object], list[str]]:
-        plans = self.group.plans(self.batch_sizes)
+        plans = self.group.plans(self.privacy.batches(self.batch_sizes),
+                                 self.privacy.worker_noise())
         gen = self.group.generation
         refs = {m.id: m.actor.run_steps.remote(gen, self.step, n, plans[m.id])
                 for m in self.group.active()}
@@ -360,11 +371,17 @@ class JobController:
             partner = self.group.members[member_id].partner
             compute_s[partner] = compute_s.get(partner, 0.0) + sum(r.compute_s[:advanced])
             bytes_sent[partner] = bytes_sent.get(partner, 0) + sum(r.bytes_sent[:advanced])
-        self.ledger.record_steps(advanced, self.batch_sizes, counts, compute_s, bytes_sent)
-        self.ledger.export_metrics()
+        batches = self.privacy.batches(self.batch_sizes)
+        self.ledger.record_steps(advanced, batches, counts, compute_s, bytes_sent)
         self.step += advanced
+        for message in self.privacy.record(self.ledger, self.step):
+            self._log(message)
+        if self.privacy.stop_job and not self._stop.is_set():
+            self.stop_reason = "a partner's privacy budget is spent"
+            self._stop.set()
+        self.ledger.export_metrics()
         now = time.time()
-        self.chunk_rates.append((advanced * sum(self.batch_sizes[p] for p, c in counts.items()
+        self.chunk_rates.append((advanced * sum(batches[p] for p, c in counts.items()
                                                 if c), now - t_chunk))
         self.worker_seconds += sum(counts.values()) * (now - t_chunk)
         self.timeline.append((now - self.t_start, self.step, sum(counts.values()),
@@ -488,6 +505,7 @@ class JobController:
         held_out = self._evaluate(self.final_state) if self.spec.evaluation else None
         summary = {
             "job": self.spec.name, "state": "finished", "steps": self.step,
+            "stop_reason": self.stop_reason,
             "resumed_from_step": self.resumed_from,
             "final_loss": float(np.mean(list(self.losses)[-5:])) if self.losses else None,
             "held_out": held_out,

@@ -45,12 +45,15 @@ class GenerationGroup:
     """This worker's membership in one generation: rank, world size and the gloo group."""
 
     def __init__(self, generation: int, rank: int, world: int, store_host: str, store_port: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, secure_partners: list[str] | None = None) -> None:
+        """`secure_partners` (the partner of every rank) turns on secure aggregation: keys are
+        agreed here, once per generation, so every generation masks with fresh ones."""
         self.generation = generation
         self.rank = rank
         self.world = world
         self.timeout = timedelta(seconds=timeout_s)
         self._pg = None
+        self._secure = None
         if world > 1:
             try:
                 client = dist.TCPStore(
@@ -62,23 +65,38 @@ class GenerationGroup:
                 raise CollectiveError(
                     f"generation {generation}: rendezvous of rank {rank}/{world} failed: {exc}"
                 ) from exc
+            if secure_partners is not None:
+                from raysys.privacy.secagg import SecureAggregator
 
-    def all_reduce_sum(self, buckets: list[torch.Tensor]) -> int:
-        """Sum each flat bucket across the generation, in place, in one batch of async ops.
-        Returns the bytes this worker sent, as a ring all-reduce sends them: 2 (n-1)/n of the
-        payload (for the contribution ledger)."""
+                agg = SecureAggregator()
+                agg.setup(store, rank, secure_partners, generation, timeout_s)
+                self._secure = agg if agg.masking else None  # one partner: nothing to hide
+
+    def all_reduce_sum(self, buckets: list[torch.Tensor], step: int = 0) -> int:
+        """Sum each flat bucket across the generation, in place: plainly, or under secure
+        aggregation as masked fixed-point integers (`step` picks the masks). Returns the bytes
+        this worker sent, as a ring all-reduce sends them: 2 (n-1)/n of the payload on the wire
+        (for the contribution ledger)."""
         if self._pg is None:
             return 0
+        if self._secure is not None:
+            self._secure.all_reduce_sum(self._all_reduce, buckets, step)
+            payload = sum(b.numel() for b in buckets) * 8  # int64 ring elements on the wire
+        else:
+            self._all_reduce(buckets)
+            payload = sum(b.numel() * b.element_size() for b in buckets)
+        return int(2 * (self.world - 1) / self.world * payload)
+
+    def _all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        """One batch of async all-reduce ops, each with the collective timeout."""
         try:
-            works = [self._pg.allreduce([b]) for b in buckets]
+            works = [self._pg.allreduce([t]) for t in tensors]
             for w in works:
                 w.wait(self.timeout)
         except RuntimeError as exc:
             raise CollectiveError(
                 f"generation {self.generation}: all-reduce failed on rank {self.rank}: {exc}"
             ) from exc
-        payload = sum(b.numel() * b.element_size() for b in buckets)
-        return int(2 * (self.world - 1) / self.world * payload)
 
     def close(self) -> None:
         self._pg = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,7 +25,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from raysys.control import metrics
 from raysys.spec import JobSpec, PartnerSpec
 from raysys.train.collective import StoreServer
-from raysys.train.replica import ReplicaConfig
+from raysys.train.replica import DPStep, ReplicaConfig
 from raysys.train.worker import RemotePartnerWorker, WorkerInfo, WorkerPlan
 
 log = logging.getLogger(__name__)
@@ -89,14 +90,26 @@ class ElasticGroup:
     def counts(self) -> dict[str, int]:
         return {p.name: len(self.active(p.name)) for p in self.spec.partners}
 
-    def plans(self, batch_sizes: dict[str, int]) -> dict[str, WorkerPlan]:
-        """Which chunk of its partner's batch each active worker takes (a StepPlan, per worker)."""
+    def plans(self, batch_sizes: dict[str, int],
+              dp: dict[str, tuple[float, float]] | None = None) -> dict[str, WorkerPlan]:
+        """Which chunk of its partner's batch each active worker takes (a StepPlan, per worker).
+
+        `dp[p]` = (noise_multiplier, max_grad_norm) of a partner under differential privacy.
+        Under secure aggregation its k workers each add 1/k of the noise variance: only the
+        partner's sum is ever visible, and it carries the full noise. Without it, a worker's
+        bucket can be seen alone on the ring, so each adds the full noise (sqrt(k) times more
+        in the sum than accounted for: safe, at some cost in accuracy)."""
         out = {}
         for p in self.spec.partners:
             members = self.active(p.name)
             shares = tuple(m.share for m in members)
+            step = None
+            if dp and p.name in dp:
+                sigma, clip = dp[p.name]
+                k = len(members) if self.spec.secure_aggregation else 1
+                step = DPStep(clip, sigma * clip / math.sqrt(max(k, 1)))
             for pos, m in enumerate(members):
-                out[m.id] = WorkerPlan(batch_sizes[p.name], pos, shares)
+                out[m.id] = WorkerPlan(batch_sizes[p.name], pos, shares, step)
         return out
 
     # -- starting workers --------------------------------------------------------------------
@@ -194,8 +207,11 @@ class ElasticGroup:
                 self.generation += 1
                 host, port = self.store.address
                 world = len(members)
+                # Under secure aggregation every rank must know every rank's partner: masks
+                # are shared between workers of different partners only.
+                partners = [m.partner for m in members] if self.spec.secure_aggregation else None
                 self._get([m.actor.join.remote(self.generation, rank, world, host, port,
-                                               timeout_s)
+                                               timeout_s, partners)
                            for rank, m in enumerate(members)], timeout_s)
                 return target
             except _MemberLost as lost:

@@ -18,6 +18,17 @@ from torch import nn
 
 from raysys.models import build_model, build_optimizer
 
+TAIL = 3  # slots after the last bucket's gradients: [loss_sum, loss_samples, samples]
+
+
+@dataclass(frozen=True)
+class DPStep:
+    """Differential privacy for one worker's step: clip each sample's gradient to
+    max_grad_norm, then add N(0, noise_std^2) to every gradient coordinate."""
+
+    max_grad_norm: float
+    noise_std: float
+
 
 @dataclass(frozen=True)
 class ReplicaConfig:
@@ -45,12 +56,16 @@ class Replica:
         self.step = 0  # optimizer steps applied so far
         self.buckets = self._bind_gradient_buckets(int(cfg.bucket_mb * 2**20))
         self._loss = nn.CrossEntropyLoss(reduction="sum")
+        self._clipper = None  # a DPClipper, made on the first private step
 
     def _bind_gradient_buckets(self, bucket_bytes: int) -> list[torch.Tensor]:
         """Allocate flat buffers and make every parameter's .grad a view into one of them.
 
-        The last bucket carries two extra slots, [loss_sum, n_samples], so the step's global
-        loss and sample count travel in the same all-reduce as the gradients.
+        The last bucket carries TAIL extra slots, [loss_sum, loss_samples, samples], so the
+        step's global loss and sample count travel in the same all-reduce as the gradients.
+        loss_samples counts the samples whose loss is in loss_sum: a partner under differential
+        privacy keeps its loss to itself (its sensitivity is unbounded), so it is smaller than
+        samples then.
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups: list[list[nn.Parameter]] = [[]]
@@ -63,7 +78,7 @@ class Replica:
             size += p.numel()
         buckets = []
         for i, group in enumerate(groups):
-            extra = 2 if i == len(groups) - 1 else 0
+            extra = TAIL if i == len(groups) - 1 else 0
             flat = torch.zeros(sum(p.numel() for p in group) + extra, dtype=torch.float32)
             offset = 0
             for p in group:
@@ -72,35 +87,54 @@ class Replica:
             buckets.append(flat)
         return buckets
 
-    def local_gradients(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Zero the buffers, then sum per-sample gradients of this replica's samples into them."""
+    def gradient_views(self) -> list[torch.Tensor]:
+        """The buckets without the tail slots: where gradients (and DP noise) go."""
+        return [*self.buckets[:-1], self.buckets[-1][:-TAIL]]
+
+    def local_gradients(self, x: torch.Tensor, y: torch.Tensor, dp: DPStep | None = None,
+                        noise: torch.Generator | None = None) -> None:
+        """Zero the buffers, then sum per-sample gradients of this replica's samples into them:
+        as they are, or under differential privacy each clipped to dp.max_grad_norm, plus this
+        worker's share of the partner's Gaussian noise (added even with no rows, or the
+        partner's aggregate would carry less noise than accounted for)."""
         for b in self.buckets:
             b.zero_()
         n = int(y.shape[0])
-        if n:
-            loss = self._loss(self.model(x), y)
-            loss.backward()
-            self.buckets[-1][-2] = loss.detach()
-        self.buckets[-1][-1] = float(n)
+        tail = self.buckets[-1]
+        if dp is None:
+            if n:
+                loss = self._loss(self.model(x), y)
+                loss.backward()
+                tail[-3] = loss.detach()
+                tail[-2] = float(n)
+        else:
+            if self._clipper is None or self._clipper.max_grad_norm != dp.max_grad_norm:
+                from raysys.privacy.dp import DPClipper  # DP jobs only: pulls in opacus later
 
-    @property
-    def step_loss_sum(self) -> float:
-        return float(self.buckets[-1][-2])
+                self._clipper = DPClipper(self.model, self._loss, dp.max_grad_norm)
+            if n:
+                self._clipper.clipped_gradient_sum(x, y)
+            if dp.noise_std > 0:
+                from raysys.privacy.dp import add_noise
 
-    @property
-    def step_samples(self) -> int:
-        return int(round(float(self.buckets[-1][-1])))
+                add_noise(self.gradient_views(), dp.noise_std, noise)
+        tail[-1] = float(n)
 
-    def apply(self) -> None:
-        """After the buffers hold the sum over all replicas: average and take the optimizer step."""
-        n = self.step_samples
+    def apply(self) -> tuple[float, int]:
+        """After the buffers hold the sum over all replicas: average and take the optimizer step.
+        Returns the step's global mean loss (NaN when no partner shared its loss) and samples."""
+        tail = self.buckets[-1]
+        n = int(round(float(tail[-1])))
+        loss_samples = float(tail[-2])
+        loss = float(tail[-3]) / loss_samples if loss_samples else float("nan")
         if n == 0:  # nobody contributed (every partner skipped): nothing to learn from
             self.step += 1
-            return
+            return loss, 0
         for b in self.buckets:
             b.div_(n)
         self.optimizer.step()
         self.step += 1
+        return loss, n
 
     # -- state, for newcomers (in memory) and for durable checkpoints -------------------------
     def state(self) -> dict:

@@ -24,7 +24,7 @@ from raysys.data.sampler import split_indices, step_indices
 from raysys.data.sources import TableSchema, load_partner_table
 from raysys.data.summary import DataSummary, summarize
 from raysys.train.collective import CollectiveError, GenerationGroup
-from raysys.train.replica import Replica, ReplicaConfig
+from raysys.train.replica import DPStep, Replica, ReplicaConfig
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class WorkerPlan:
     partner_batch: int
     position: int
     shares: tuple[float, ...]
+    dp: DPStep | None = None  # the partner trains under differential privacy
 
 
 @dataclass
@@ -78,6 +79,7 @@ class PartnerWorker:
         self.group: GenerationGroup | None = None
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
+        self._noise: torch.Generator | None = None  # DP noise, made on the first private step
         self._tags = {"job": job, "partner": partner, "worker": worker_id}
 
     # -- life cycle --------------------------------------------------------------------------
@@ -102,9 +104,10 @@ class PartnerWorker:
         return self.replica.step
 
     def join(self, generation: int, rank: int, world: int, store_host: str, store_port: int,
-             timeout_s: float) -> int:
+             timeout_s: float, secure_partners: list[str] | None = None) -> int:
         self.leave()
-        self.group = GenerationGroup(generation, rank, world, store_host, store_port, timeout_s)
+        self.group = GenerationGroup(generation, rank, world, store_host, store_port, timeout_s,
+                                     secure_partners)
         return self.replica.step
 
     def leave(self) -> None:
@@ -138,23 +141,29 @@ class PartnerWorker:
         rows = int(self._y.shape[0])
         for step in range(first_step, first_step + n_steps):
             t0 = time.perf_counter()
-            idx = step_indices(self.seed, self.partner, rows, plan.partner_batch, step)
-            mine = torch.from_numpy(split_indices(idx, list(plan.shares))[plan.position])
-            self.replica.local_gradients(self._x[mine], self._y[mine])
+            if plan.partner_batch:
+                idx = step_indices(self.seed, self.partner, rows, plan.partner_batch, step)
+                mine = torch.from_numpy(split_indices(idx, list(plan.shares))[plan.position])
+            else:  # the partner contributes nothing this step (its privacy budget is spent)
+                mine = torch.zeros(0, dtype=torch.int64)
+            if plan.dp is not None and self._noise is None:
+                from raysys.privacy.dp import noise_generator
+
+                self._noise = noise_generator()  # from os.urandom: nobody else can predict it
+            self.replica.local_gradients(self._x[mine], self._y[mine], plan.dp, self._noise)
             t1 = time.perf_counter()
             if self.slowdown > 1.0:
                 time.sleep((t1 - t0) * (self.slowdown - 1.0))
                 t1 = time.perf_counter()
             try:
-                sent = self.group.all_reduce_sum(self.replica.buckets)
+                sent = self.group.all_reduce_sum(self.replica.buckets, step)
             except CollectiveError as exc:
                 report.error = str(exc)
                 break
-            self.replica.apply()
+            loss, n = self.replica.apply()
             t2 = time.perf_counter()
-            n = self.replica.step_samples
             report.steps_done += 1
-            report.loss.append(self.replica.step_loss_sum / n if n else float("nan"))
+            report.loss.append(loss)
             report.samples.append(n)
             report.local_batch.append(int(mine.numel()))
             report.compute_s.append(t1 - t0)

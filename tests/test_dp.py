@@ -1,0 +1,379 @@
+"""Per-partner DP: exact per-sample clipping, distributed noise shares, Opacus accounting.
+
+Pure torch/opacus: no Ray. The reference for clipping is the definition itself: one backward per
+sample, clip, sum (float64 accumulation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raysys.models import SmallCNN, linear, mlp
+from raysys.privacy.dp import (
+    CLIP_EPS,
+    DPClipper,
+    PartnerAccountant,
+    add_noise,
+    noise_generator,
+    noise_seed,
+    noise_std,
+    partner_sample_rate,
+    plan_dp,
+    resolve_noise_multiplier,
+    steps_within_budget,
+)
+from raysys.train.replica import DPStep, Replica, ReplicaConfig
+
+FEATURES, CLASSES = 16, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: OpenMP threads only spin against each other (and the machine's other
+    work), which made these tests 5x slower on 2 busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- models -------------------------------------------------------------------------------------
+
+class UserNet(nn.Module):
+    """A user model the book-keeping path does not know: LayerNorm and a bare Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(FEATURES)
+        self.body = nn.Linear(FEATURES, 12)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 12))
+        self.head = nn.Linear(12, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(self.norm(x))) * self.scale)
+
+
+class SeqConvNet(nn.Module):
+    """Only Linear/Conv2d parameters, but sequences (ghost and materialised norms), stride,
+    dilation and groups: still the book-keeping path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, stride=2, padding=1, dilation=1, groups=2)
+        self.conv2 = nn.Conv2d(6, 4, 2, dilation=2, bias=False)
+        self.tok_small = nn.Linear(4, 3)  # T*(din+dout) > din*dout: materialised per sample
+        self.tok_wide = nn.Linear(16, 40)  # T*(din+dout) < din*dout: ghost norm
+        self.head = nn.Linear(40, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x.view(-1, 2, 4, 2)))  # [n, 6, 2, 1]
+        h = h.flatten(1)  # [n, 12]
+        seq = torch.relu(self.tok_small(x.view(-1, 4, 4)))  # [n, 4, 3] -> [n, 12]
+        tok = self.tok_wide(torch.cat([h, seq.flatten(1)], 1).view(-1, 3, 8)
+                            .repeat(1, 1, 2))  # [n, 3, 40]
+        img = self.conv2(torch.relu(x.view(-1, 1, 4, 4)).repeat(1, 6, 1, 1))  # [n, 4, 2, 2]
+        return self.head(torch.relu(tok).mean(1)) + img.flatten(1)[:, :CLASSES]
+
+
+class InplaceNet(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(FEATURES, 8), nn.ReLU(inplace=True), nn.Linear(8, CLASSES))
+
+
+class SharedNet(nn.Module):
+    """One Linear applied twice: a sample's gradient is not one layer's outer product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(FEATURES, FEATURES)
+        self.head = nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+class MixingNet(nn.Module):
+    """Mixes samples (subtracts the batch mean); the runtime checks cannot see it, the self-check
+    against the per-sample definition does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return h - 0.5 * h.mean(0, keepdim=True)
+
+
+MODELS = {
+    "mlp": (lambda: mlp(FEATURES, CLASSES, hidden=(12, 8)), "bk"),
+    "linear": (lambda: linear(FEATURES, CLASSES), "bk"),
+    "cnn": (lambda: SmallCNN(FEATURES, CLASSES, channels=(3, 4)), "bk"),
+    "seqconv": (SeqConvNet, "bk"),
+    "user": (UserNet, "vmap"),
+    "inplace": (InplaceNet, "vmap"),
+    "shared": (SharedNet, "vmap"),
+    "mixing": (MixingNet, "vmap"),
+}
+
+
+def make(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[name][0]()
+
+
+def batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, FEATURES, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
+
+
+def naive(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float):
+    """Per-sample loop: (clipped sum per parameter, per-sample norms, loss sum), float64 sums."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    norms, loss = [], 0.0
+    for i in range(len(y)):
+        li = loss_fn(model(x[i:i + 1]), y[i:i + 1])
+        grads = torch.autograd.grad(li, params)
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        factor = min(1.0, clip / (norm + CLIP_EPS))
+        for t, g in zip(total, grads, strict=True):
+            t += factor * g.double()
+        norms.append(norm)
+        loss += float(li.detach())
+    return total, torch.tensor(norms, dtype=torch.float64), loss
+
+
+def rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    num = sum(float((g.double() - w.double()).square().sum()) for g, w in zip(got, want,
+                                                                           strict=True))
+    den = sum(float(w.double().square().sum()) for w in want)
+    return math.sqrt(num / den)
+
+
+def grads_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+# -- clipping -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_clipped_sum_is_exact(name: str) -> None:
+    model = make(name)
+    x, y = batch(24)
+    _, norms, _ = naive(model, x, y, math.inf)
+    clip = float(norms.median())  # about half the samples get clipped
+    want, want_norms, want_loss = naive(model, x, y, clip)
+    clipper = DPClipper(model, max_grad_norm=clip)
+    loss = clipper.clipped_gradient_sum(x, y)
+    assert clipper.method == MODELS[name][1]
+    assert rel_err(grads_of(model), want) < 1e-5
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert torch.allclose(clipper.last_norms.double(), want_norms, rtol=1e-4)
+    # a second batch on the chosen path is exact too (the self-check ran on the first)
+    x2, y2 = batch(17, seed=2)
+    want2, _, _ = naive(model, x2, y2, clip)
+    clipper.clipped_gradient_sum(x2, y2)
+    assert rel_err(grads_of(model), want2) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_forced_methods_are_exact(method: str) -> None:
+    model = make("cnn")
+    x, y = batch(10)
+    want, _, _ = naive(model, x, y, 0.5)
+    DPClipper(model, max_grad_norm=0.5, method=method).clipped_gradient_sum(x, y)
+    assert rel_err(grads_of(model), want) < 1e-5
+
+
+def test_memory_budget_chunks_stay_exact() -> None:
+    """A tiny per-sample budget forces chunked norms and the weighted-backward clipped sum."""
+    for name in ("cnn", "seqconv"):
+        model = make(name)
+        x, y = batch(12)
+        want, _, _ = naive(model, x, y, 0.3)
+        clipper = DPClipper(model, max_grad_norm=0.3, per_sample_mb=1e-4)
+        clipper.clipped_gradient_sum(x, y)
+        assert clipper.method == "bk"
+        assert rel_err(grads_of(model), want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "user"])
+def test_every_clipped_per_sample_gradient_is_within_the_bound(name: str) -> None:
+    model = make(name)
+    x, y = batch(16)
+    clip = 0.05  # well below every norm: all samples are clipped
+    clipper = DPClipper(model, max_grad_norm=clip)
+    clipper.clipped_gradient_sum(x, y)  # per-sample norms of the batch, before clipping
+    assert bool((clipper.last_norms > clip).all())
+    for i in range(len(y)):  # a batch of one is one sample's clipped gradient
+        clipper.clipped_gradient_sum(x[i:i + 1], y[i:i + 1])
+        norm = math.sqrt(sum(float(g.square().sum()) for g in grads_of(model)))
+        assert norm <= clip * (1 + 1e-6)
+        assert norm == pytest.approx(clip, rel=1e-4)  # clipped to the bound, not below
+
+
+@pytest.mark.parametrize("name", ["mlp", "linear", "cnn"])
+def test_infinite_bound_without_noise_is_the_plain_gradient_in_the_buckets(name: str) -> None:
+    registry = {"mlp": ("mlp", {"hidden": [12, 8]}), "linear": ("linear", {}),
+                "cnn": ("cnn", {"channels": [3, 4]})}[name]
+    replica = Replica(ReplicaConfig(model=registry[0], model_kwargs=registry[1],
+                                    in_features=FEATURES, num_classes=CLASSES, seed=0,
+                                    optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0))
+    x, y = batch(32)
+    replica.local_gradients(x, y)
+    plain = [b.clone() for b in replica.buckets]
+    grads = [p.grad for p in replica.model.parameters()]
+    ptrs = [g.data_ptr() for g in grads]
+
+    replica.local_gradients(x, y, DPStep(math.inf, noise_std(0.0, 1.0, 3)), noise_generator(0))
+    # written in place: the same .grad tensors, still views into the buckets
+    assert [p.grad for p in replica.model.parameters()] == grads
+    assert [p.grad.data_ptr() for p in replica.model.parameters()] == ptrs
+    # Gradients and the sample count agree; the DP partner's loss stays out of the shared slots.
+    plain[-1][-3:-1] = 0.0
+    for got, want in zip(replica.buckets, plain, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_empty_batch_writes_zeros() -> None:
+    model = make("cnn")
+    x, y = batch(8)
+    clipper = DPClipper(model, max_grad_norm=1.0)
+    clipper.clipped_gradient_sum(x, y)
+    assert clipper.clipped_gradient_sum(x[:0], y[:0]) == 0.0
+    assert all(float(g.abs().sum()) == 0.0 for g in grads_of(model))
+
+
+def test_fallbacks_switch_once_and_stay() -> None:
+    for name in ("inplace", "shared", "mixing"):
+        model = make(name)
+        clipper = DPClipper(model, max_grad_norm=0.5)
+        assert clipper.method == "bk"  # all parameters in Linear layers: looks supported
+        x, y = batch(9)
+        want, _, _ = naive(model, x, y, 0.5)
+        clipper.clipped_gradient_sum(x, y)
+        assert clipper.method == "vmap", name
+        assert rel_err(grads_of(model), want) < 1e-5
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        DPClipper(make("mlp"), max_grad_norm=0.0)
+    with pytest.raises(ValueError):
+        DPClipper(make("user"), method="bk")
+    with pytest.raises(ValueError):
+        DPClipper(make("mlp"), method="ghost")
+
+
+# -- noise --------------------------------------------------------------------------------------
+
+def test_noise_share_per_worker_adds_up_to_the_partner_noise() -> None:
+    sigma, clip, workers, size = 1.3, 0.7, 4, 200_000
+    std = noise_std(sigma, clip, workers)
+    total = torch.zeros(size)
+    for w in range(workers):
+        share = torch.zeros(size)
+        add_noise([share], std, noise_generator(noise_seed(7, "alpha", w, 0)))
+        # each worker: variance (sigma C)^2 / k (std error of a variance here: 0.3%)
+        assert float(share.var()) == pytest.approx((sigma * clip) ** 2 / workers, rel=0.02)
+        assert abs(float(share.mean())) < 5 * std / math.sqrt(size)
+        total += share
+    # the partner's aggregate carries the full sigma*C; a share of var/k^2 or var would miss
+    # by a factor k
+    assert float(total.var()) == pytest.approx((sigma * clip) ** 2, rel=0.02)
+
+
+def test_noise_generators() -> None:
+    a, b = torch.zeros(1000), torch.zeros(1000)
+    add_noise([a], 1.0, noise_generator(noise_seed(0, "alpha", 1, 5)))
+    add_noise([b], 1.0, noise_generator(noise_seed(0, "alpha", 1, 5)))
+    assert torch.equal(a, b)  # a test seed reproduces
+    c = torch.zeros(1000)
+    add_noise([c], 1.0, noise_generator(noise_seed(0, "alpha", 2, 5)))
+    assert not torch.equal(a, c)  # another worker, other noise
+    u, v = torch.zeros(1000), torch.zeros(1000)
+    add_noise([u], 1.0, noise_generator())
+    add_noise([v], 1.0, noise_generator())
+    assert not torch.equal(u, v)  # os.urandom seeds
+    with pytest.raises(ValueError):
+        noise_std(1.0, 1.0, 0)
+
+
+def test_noise_spares_the_loss_and_count_slots() -> None:
+    replica = Replica(ReplicaConfig("mlp", {"hidden": [16]}, 8, 3, 0, "sgd", 0.1, 0.0, 0.0))
+    x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+    replica.local_gradients(x, y, DPStep(1.0, 1.0), noise_generator(0))
+    assert replica.buckets[-1][-3:].tolist() == [0.0, 0.0, 5.0]
+    assert all(bool((g != 0).all()) for g in replica.gradient_views())
+
+
+# -- accounting ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_epsilon_equals_opacus_accountant(kind: str) -> None:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    sigma, q, delta = 1.1, 0.02, 1e-5
+    ours = PartnerAccountant(sigma, q, delta, kind=kind)
+    direct = RDPAccountant() if kind == "rdp" else PRVAccountant()
+    assert ours.epsilon() == 0.0 and ours.steps == 0
+    ours.step()
+    ours.step(n=149)
+    for _ in range(150):
+        direct.step(noise_multiplier=sigma, sample_rate=q)
+    assert ours.steps == 150
+    assert ours.epsilon() == direct.get_epsilon(delta=delta)
+
+
+def test_target_epsilon_resolution_and_budget() -> None:
+    target, delta, q, steps = 2.0, 1e-5, partner_sample_rate(32, 1600), 400
+    sigma = resolve_noise_multiplier(target, delta, q, steps)
+    acc = PartnerAccountant(sigma, q, delta)
+    acc.step(steps)
+    eps = acc.epsilon()
+    assert eps <= target
+    assert eps > target - 0.05  # not wastefully noisy (Opacus' tolerance is 0.01)
+    budget = steps_within_budget(target, sigma, q, delta)
+    assert budget >= steps
+    over = PartnerAccountant(sigma, q, delta)
+    over.step(budget)
+    assert over.epsilon() <= target
+    over.step()
+    assert over.epsilon() > target  # the first step past the budget exceeds it
+    assert acc.steps_left(target) == budget - steps
+
+    plan = plan_dp({"target_epsilon": target, "max_grad_norm": 1.0, "delta": delta}, q, steps)
+    assert plan.noise_multiplier == sigma and plan.budget_steps == budget
+    fixed = plan_dp({"noise_multiplier": 0.8, "max_grad_norm": 1.0, "delta": delta}, q, steps)
+    assert fixed.noise_multiplier == 0.8 and fixed.budget_steps is None
+    assert steps_within_budget(target, 0.0, q, delta) == 0
+    with pytest.raises(ValueError):
+        plan_dp({"max_grad_norm": 1.0, "delta": delta}, q, steps)
+
+
+def test_accountant_state_round_trips() -> None:
+    acc = PartnerAccountant(0.9, 0.05, 1e-6)
+    acc.step(37)
+    state = json.loads(json.dumps(acc.state_dict()))  # plain data: fits any checkpoint
+    back = PartnerAccountant.from_state_dict(state)
+    assert back.steps == 37 and back.epsilon() == acc.epsilon()
+    acc.step(5)
+    back.step(5)
+    assert back.epsilon() == acc.epsilon()
+    with pytest.raises(ValueError):
+        PartnerAccountant(0.9, 0.05, 1e-6, kind="prv").load_state_dict(state)
+
+
+def test_sample_rate() -> None:
+    assert partner_sample_rate(32, 1600) == 0.02
+    with pytest.raises(ValueError):
+        partner_sample_rate(200, 100)
+    with pytest.raises(ValueError):
+        PartnerAccountant(1.0, 1.5, 1e-5)
