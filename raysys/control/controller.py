@@ -56,7 +56,7 @@ class JobState(Enum):
 
 
 class JobController:
-    def __init__(self, spec: dict, resume: bool = False) -> None:
+    def __init__(self, spec: dict, resume: bool = False, worker_class: type | None = None) -> None:
         self.spec = JobSpec.model_validate(spec)
         self.resume = resume
         self.state = JobState.STARTING
@@ -87,7 +87,7 @@ class JobController:
         self.stop_reason: str | None = None
         self._stop = threading.Event()
         store = StoreServer(ray.util.get_node_ip_address())
-        self.group = ElasticGroup(self.spec, store)
+        self.group = ElasticGroup(self.spec, store, worker_class=worker_class)
         self.executor = DecisionExecutor(self.spec, self.group, self._log)
         self.ckpt = CheckpointStore(self.spec.checkpoint.storage_path, self.spec.name,
                                     self.spec.checkpoint.keep)

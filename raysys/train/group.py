@@ -73,6 +73,8 @@ class ElasticGroup:
     replica_cfg: ReplicaConfig | None = None
     members: dict[str, Member] = field(default_factory=dict)
     generation: int = 0
+    # The worker actor class; tests substitute an audited subclass of PartnerWorker.
+    worker_class: type | None = None
     _counters: dict[str, itertools.count] = field(default_factory=dict)
 
     # -- views -------------------------------------------------------------------------------
@@ -122,7 +124,8 @@ class ElasticGroup:
         selector = dict(partner.placement)
         if node_id:
             selector[NODE_ID_LABEL] = node_id
-        actor = RemotePartnerWorker.options(
+        remote = ray.remote(self.worker_class) if self.worker_class else RemotePartnerWorker
+        actor = remote.options(
             name=f"raysys:{self.spec.name}:{partner.name}:{index}",
             num_cpus=partner.cpus_per_worker,
             label_selector=selector or None,

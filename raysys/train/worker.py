@@ -182,14 +182,6 @@ class PartnerWorker:
         metrics.WORKER_SAMPLES_PER_S.set(local / elapsed if elapsed else 0.0, tags=self._tags)
         metrics.LOSS.set(report.loss[-1], tags=self._tags)
 
-    def evaluate_local(self) -> tuple[float, int, int]:
-        """(loss sum, correct, rows) of the current model on this partner's own rows."""
-        with torch.no_grad():
-            logits = self.replica.model(self._x)
-            loss = torch.nn.functional.cross_entropy(logits, self._y, reduction="sum")
-            correct = int((logits.argmax(1) == self._y).sum())
-        return float(loss), correct, int(self._y.shape[0])
-
     def flat_parameters(self) -> np.ndarray:
         return self.replica.flat_parameters().numpy()
 

@@ -1,0 +1,103 @@
+"""No raw row leaves a worker: every value any worker method returns (all of which go through
+Ray's object store) is scanned for every row of every partner, through a job that rescales,
+rebalances, replaces, loses a worker and checkpoints."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.cloudpickle
+from conftest import make_spec
+from test_elastic import wait_for
+
+from raysys.control.decisions import Rebalance, Replace, Scale
+from raysys.train.worker import PartnerWorker
+
+FEATURES = [f"f{i}" for i in range(12)]
+# What a worker can be asked: every public method of PartnerWorker (ray.remote derives its own
+# class from this one, whose methods must pass through untouched).
+WORKER_METHODS = {n for n, v in vars(PartnerWorker).items()
+                  if callable(v) and not n.startswith("_")}
+
+
+def leaked_rows(value: object, rows: np.ndarray) -> list[int]:
+    """Indices of `rows` whose feature bytes appear anywhere in the pickled `value`."""
+    blob = pickle.dumps(value)
+    return [i for i, row in enumerate(rows) if row.tobytes() in blob]
+
+
+def audited(name: str, method):
+    """`method` of PartnerWorker, failing if what it returns holds a row of the partner."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        if self._x is not None:
+            hits = leaked_rows(result, self._x.numpy())
+            if hits:
+                raise AssertionError(f"{name} returned rows {hits[:5]} of its partner")
+        self._audit_counts[name] = self._audit_counts.get(name, 0) + 1
+        return result
+    return wrapper
+
+
+class AuditedWorker(PartnerWorker):
+    """A PartnerWorker whose every public method's result is checked before it is returned."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._audit_counts: dict[str, int] = {}
+
+    def audit_counts(self) -> dict[str, int]:
+        return dict(self._audit_counts)
+
+
+for _name in WORKER_METHODS:
+    setattr(AuditedWorker, _name, audited(_name, getattr(PartnerWorker, _name)))
+
+
+def test_the_audit_would_catch_a_leaked_row(two_partner_data):
+    rows = pq.read_table(two_partner_data["alpha"]).select(FEATURES).to_pandas().to_numpy(
+        dtype=np.float32)
+    assert leaked_rows({"sum": rows.sum(0), "n": len(rows)}, rows) == []
+    assert leaked_rows({"oops": [rows[7].copy()]}, rows) == [7]
+    import torch
+    assert leaked_rows(torch.from_numpy(rows[3:4].copy()), rows) == [3]
+
+
+def test_no_worker_method_returns_a_row(run, two_partner_data, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import it
+    spec = make_spec(two_partner_data, tmp_path, steps=100_000, alpha_workers=2)
+    spec["checkpoint"]["every_steps"] = 10
+    spec["evaluation"] = {"path": two_partner_data["test"], "every_steps": 20}
+    spec["partners"][1]["workers"].update(min=1, spares=1)
+    controller, done = run(spec, worker_class=AuditedWorker)
+    wait_for(controller, lambda p: p["step"] >= 5)
+    ray.get(controller.submit.remote(Scale("beta", 1)))
+    wait_for(controller, lambda p: p["workers"]["beta"] == 2)
+    ray.get(controller.submit.remote(Rebalance("alpha", {"alpha/0": 0.7, "alpha/1": 0.3})))
+    ray.get(controller.submit.remote(Replace("alpha/1")))
+    wait_for(controller, lambda p: any("alpha/1 -> " in e and "took" in e for e in p["events"]))
+    victim = ray.get_actor(f"raysys:{spec['name']}:beta:0")
+    ray.kill(victim, no_restart=True)
+    wait_for(controller, lambda p: any("beta/0 died" in e for e in p["events"]))
+    step = ray.get(controller.progress.remote())["step"]
+    wait_for(controller, lambda p: p["step"] >= step + 25)
+    ray.get(controller.parameters.remote())  # read from a live worker
+    workers = [w for w in ray.get(controller.workers.remote()) if w["state"] != "gone"]
+    audited = {}
+    for w in workers:
+        actor = ray.get_actor(f"raysys:{spec['name']}:{w['id'].replace('/', ':')}")
+        audited[w["id"]] = ray.get(actor.audit_counts.remote())
+    ray.get(controller.stop.remote())
+    summary = ray.get(done)  # an AssertionError in any worker would have failed the job
+    assert summary["steps"] >= step + 25
+    # the audit saw the methods that carry results out of a worker
+    seen = set().union(*audited.values())
+    assert {"load", "build", "join", "run_steps", "export_state", "import_state",
+            "current_step", "flat_parameters"} <= seen, audited

@@ -1,0 +1,85 @@
+"""Differential privacy and secure aggregation in live jobs: equivalences, accounting, budgets,
+and a worker lost under secure aggregation."""
+
+from __future__ import annotations
+
+import math
+
+import ray
+from conftest import make_spec
+from opacus.accountants import RDPAccountant
+from test_elastic import TOLERANCE, final_parameters, reference_for
+
+from raysys.train.reference import max_relative_difference
+
+
+def test_dp_without_noise_or_clipping_equals_plain_training(run, two_partner_data, tmp_path):
+    spec = make_spec(two_partner_data, tmp_path, steps=20, alpha_workers=2)
+    spec["partners"][0]["privacy"] = {"dp": {"noise_multiplier": 0.0, "max_grad_norm": 1e9}}
+    controller, done = run(spec)
+    final = final_parameters(controller, done)
+    assert max_relative_difference(final, reference_for(spec)) <= TOLERANCE
+    ledger = ray.get(controller.progress.remote())["ledger"]
+    assert ledger["alpha"]["epsilon"] == math.inf  # no noise: no privacy, and it says so
+    assert ledger["beta"]["epsilon"] is None
+
+
+def test_epsilon_is_the_accountants_and_a_spent_budget_stops_only_that_partner(
+        run, two_partner_data, tmp_path):
+    """alpha: sigma 2, target epsilon 2 (34 steps at its sampling rate 19/150), 2 workers sharing
+    the noise under secure aggregation; the job runs 50 steps."""
+    spec = make_spec(two_partner_data, tmp_path, steps=50, alpha_workers=2)
+    spec["secure_aggregation"] = True
+    spec["partners"][0]["privacy"] = {"dp": {"noise_multiplier": 2.0, "target_epsilon": 2.0,
+                                             "max_grad_norm": 1.0, "delta": 1e-5}}
+    spec["runtime"]["steps_per_call"] = 8
+    controller, done = run(spec)
+    summary = ray.get(done)
+    events = ray.get(controller.progress.remote())["events"]
+    alpha, beta = summary["partners"]["alpha"], summary["partners"]["beta"]
+    direct = RDPAccountant()
+    for _ in range(alpha["steps_participated"]):
+        direct.step(noise_multiplier=2.0, sample_rate=19 / 150)
+    assert alpha["steps_participated"] == 34 and alpha["skipped_steps"] == 16
+    assert alpha["epsilon"] == direct.get_epsilon(1e-5) <= 2.0
+    assert alpha["budget_spent_at_step"] == 34 and alpha["samples"] == 34 * 19
+    assert beta["steps_participated"] == 50 and beta["epsilon"] is None
+    assert summary["steps"] == 50 and summary["stop_reason"] is None
+    assert any("partner alpha spent its privacy budget" in e and "alpha stops contributing" in e
+               for e in events), events
+
+
+def test_target_epsilon_alone_lasts_the_run_and_a_spent_budget_can_stop_the_job(
+        run, two_partner_data, tmp_path):
+    # target alone: the noise is chosen so that the planned steps fit the budget
+    spec = make_spec(two_partner_data, tmp_path, steps=60)
+    spec["partners"][1]["privacy"] = {"dp": {"target_epsilon": 1.0, "max_grad_norm": 1.0}}
+    controller, done = run(spec)
+    summary = ray.get(done)
+    beta = summary["partners"]["beta"]
+    assert beta["steps_participated"] == 60 and beta["budget_spent_at_step"] is None
+    assert 0.9 <= beta["epsilon"] <= 1.0  # most of the budget used, none of it exceeded
+
+    # sigma 2 and target 2: 37 steps at beta's sampling rate 11/90, and the job stops there
+    spec = make_spec(two_partner_data, tmp_path, steps=100)
+    spec["partners"][1]["privacy"] = {"dp": {"noise_multiplier": 2.0, "target_epsilon": 2.0,
+                                             "max_grad_norm": 1.0, "on_budget_spent": "stop_job"}}
+    controller, done = run(spec)
+    summary = ray.get(done)
+    beta = summary["partners"]["beta"]
+    assert summary["steps"] == beta["steps_participated"] == beta["budget_spent_at_step"] == 37
+    assert summary["stop_reason"] == "a partner's privacy budget is spent"
+
+
+def test_secure_aggregation_trains_like_plain_and_survives_a_lost_worker(
+        run, two_partner_data, tmp_path):
+    spec = make_spec(two_partner_data, tmp_path, steps=30, alpha_workers=2)
+    spec["secure_aggregation"] = True
+    spec["partners"][0]["workers"]["min"] = 1
+    spec["chaos"] = [{"at_step": 12, "worker": "alpha/1", "kill": True}]
+    controller, done = run(spec)
+    final = final_parameters(controller, done)
+    summary_events = ray.get(controller.progress.remote())["events"]
+    # fixed point rounds each worker's local sums at 2^-24: equal within quantization error
+    assert max_relative_difference(final, reference_for(spec)) <= 1e-4
+    assert any("alpha/1 died" in e for e in summary_events), summary_events

@@ -1,0 +1,416 @@
+"""Secure aggregation (raysys/privacy/secagg.py) over real gloo groups.
+
+Ranks are threads of this process, each with its own ProcessGroupGloo over a shared HashStore or
+a TCPStore (as workers use), so the tests exercise real int64 all-reduces without Ray and
+without spawning processes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from raysys.privacy import secagg
+from raysys.privacy.secagg import (
+    FRAC_BITS,
+    RING_BITS,
+    STATUS_SLOTS,
+    MaskReuseError,
+    SecAggSetupError,
+    SecureAggregator,
+    pg_all_reduce,
+)
+from raysys.train.collective import CollectiveError, GenerationGroup, StoreServer
+from raysys.train.replica import Replica, ReplicaConfig
+
+stats = pytest.importorskip("scipy.stats")
+
+RING = 1 << RING_BITS
+TIMEOUT_S = 20.0
+
+
+def run_ranks(world: int, target: Callable[[int], object],
+              timeout_s: float = 60.0) -> tuple[list, list[BaseException | None]]:
+    """Run target(rank) for every rank in its own thread; (results, exceptions) by rank."""
+    results: list = [None] * world
+    errors: list[BaseException | None] = [None] * world
+
+    def wrap(rank: int) -> None:
+        try:
+            results[rank] = target(rank)
+        except BaseException as exc:  # handed to the test to assert on
+            errors[rank] = exc
+
+    threads = [threading.Thread(target=wrap, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return results, errors
+
+
+def ok(results_errors: tuple[list, list[BaseException | None]]) -> list:
+    results, errors = results_errors
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def make_buckets(seed: int, sizes: list[int], n_samples: int = 32) -> list[torch.Tensor]:
+    """Gradient-like buckets, magnitudes from 1e-6 to 1e2, ending in Replica's tail
+    [loss_sum, loss_samples, samples]."""
+    g = torch.Generator().manual_seed(seed)
+    buckets = []
+    for n in sizes:
+        magnitude = 10.0 ** (torch.rand(n, generator=g) * 8 - 6)
+        buckets.append((torch.randn(n, generator=g) * magnitude).float())
+    buckets[-1][-3] = 57.125 + seed  # loss sum
+    buckets[-1][-2] = float(n_samples)  # samples whose loss is in the loss sum
+    buckets[-1][-1] = float(n_samples)
+    return buckets
+
+
+class Capture:
+    """An AllReduce that records what this rank put on the ring before summing it."""
+
+    def __init__(self, all_reduce: Callable[[list[torch.Tensor]], None]) -> None:
+        self.all_reduce = all_reduce
+        self.sent: list[torch.Tensor] = []
+
+    def __call__(self, tensors: list[torch.Tensor]) -> None:
+        self.sent = [t.clone() for t in tensors]
+        self.all_reduce(tensors)
+
+
+def secure_sum(store: dist.Store, generation: int, rank: int, partners: list[str],
+               buckets: list[torch.Tensor], step: int = 0
+               ) -> tuple[list[torch.Tensor], SecureAggregator, Capture]:
+    """One rank: join generation `generation`, agree keys, securely sum a copy of `buckets`."""
+    prefixed = dist.PrefixStore(f"gen-{generation}/", store)
+    pg = dist.ProcessGroupGloo(prefixed, rank, len(partners), timedelta(seconds=TIMEOUT_S))
+    agg = SecureAggregator()
+    agg.setup(prefixed, rank, partners, generation, TIMEOUT_S)
+    capture = Capture(pg_all_reduce(pg, timedelta(seconds=TIMEOUT_S)))
+    out = [b.clone() for b in buckets]
+    agg.all_reduce_sum(capture, out, step)
+    return out, agg, capture
+
+
+def reference_sum(inputs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [sum(b[i].double() for b in inputs) for i in range(len(inputs[0]))]
+
+
+def assert_within_quantization(out: list[torch.Tensor], ref: list[torch.Tensor],
+                               world: int) -> None:
+    for o, r in zip(out, ref, strict=True):
+        # Each worker rounds to 2^-FRAC_BITS (error <= half a step), then the float32 result
+        # rounds once more (relative 2^-24).
+        bound = world * 2.0 ** -(FRAC_BITS + 1) + r.abs() * 2.0**-24 + 1e-12
+        assert ((o.double() - r).abs() <= bound).all(), float((o.double() - r).abs().max())
+
+
+def top_byte_uniformity(values: torch.Tensor) -> float:
+    """p-value of a chi-square test that the top 8 bits of ring values are uniform."""
+    top = (values >> (RING_BITS - 8)).numpy()
+    counts = torch.bincount(torch.from_numpy(top), minlength=256).numpy()
+    assert counts.size == 256, "values outside the ring"
+    return float(stats.chisquare(counts).pvalue)
+
+
+def ks_uniformity(values: torch.Tensor) -> float:
+    return float(stats.kstest(values.double().numpy() / RING, "uniform").pvalue)
+
+
+# -- (1) the aggregate is the float sum, within quantization error -----------------------------
+@pytest.mark.parametrize("partners", [["a", "b"], ["a", "a", "b"], ["a", "b", "c", "d"]])
+def test_aggregate_equals_float_sum(partners: list[str]) -> None:
+    world = len(partners)
+    sizes = [1000, 37, 513]
+    inputs = [make_buckets(r, sizes) for r in range(world)]
+    store = dist.HashStore()
+    results = ok(run_ranks(world, lambda r: secure_sum(store, 1, r, partners, inputs[r])))
+    ref = reference_sum(inputs)
+    for out, agg, capture in results:
+        assert agg.masking
+        assert all(t.dtype == torch.int64 for t in capture.sent)  # never the floats themselves
+        assert_within_quantization(out, ref, world)
+        assert out[-1][-2:].tolist() == [32.0 * world] * 2  # the sample counts are exact
+        assert abs(float(out[-1][-3]) - float(ref[-1][-3])) < 1e-4  # loss sum
+        assert agg.last_clamped == 0 and agg.last_nonfinite == 0
+    # Every rank decodes the same aggregate.
+    for out, _, _ in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out, results[0][0], strict=True))
+
+
+def test_chunk_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buckets are encoded and masked in cache-sized chunks; sizes around a chunk boundary,
+    including a last chunk that holds only the status slots."""
+    monkeypatch.setattr(secagg, "CHUNK", 64)
+    partners = ["a", "b", "c"]
+    sizes = [200, 63, 64, 128]  # the last bucket's 2 status slots start a chunk of their own
+    inputs = [make_buckets(r, sizes) for r in range(3)]
+    store = dist.HashStore()
+    results = ok(run_ranks(3, lambda r: secure_sum(store, 1, r, partners, inputs[r], step=2)))
+    for out, _, _ in results:
+        assert_within_quantization(out, reference_sum(inputs), 3)
+        assert float(out[-1][-1]) == 96.0
+    agg, sent = results[0][1], results[0][2].sent
+    for i, n in enumerate(sizes[:-1] + [sizes[-1] + STATUS_SLOTS]):
+        expected = (agg.encode(inputs[0])[i] + agg.pair_mask(1, 2, i, n)
+                    + agg.pair_mask(2, 2, i, n)) & (RING - 1)
+        assert torch.equal(sent[i], expected)
+
+
+def test_training_through_generation_group_matches_plain() -> None:
+    """The worker's wiring: Replica + GenerationGroup over the controller's TCPStore."""
+    server = StoreServer("127.0.0.1")
+    partners = ["alpha", "beta"]
+    cfg = ReplicaConfig("mlp", {"hidden": [16]}, 8, 3, 0, "sgd", 0.1, 0.9, 0.0)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(5 + r, 8, generator=g), torch.randint(0, 3, (5 + r,), generator=g))
+            for r in range(2)]
+
+    def train(rank: int, secure: bool, generation: int, replica: Replica) -> torch.Tensor:
+        group = GenerationGroup(generation, rank, 2, *server.address, TIMEOUT_S)
+        client = dist.TCPStore(*server.address, is_master=False,
+                               timeout=timedelta(seconds=TIMEOUT_S))
+        agg = SecureAggregator()
+        agg.setup(dist.PrefixStore(f"gen-{generation}/", client), rank, partners, generation,
+                  TIMEOUT_S)
+        for _ in range(4):
+            replica.local_gradients(*data[rank])
+            if secure:
+                agg.all_reduce_sum(group.all_reduce_sum, replica.buckets, replica.step)
+            else:
+                group.all_reduce_sum(replica.buckets)
+            assert replica.apply()[1] == 11
+        return replica.flat_parameters()
+
+    # Replicas are built here, one after the other: build_model seeds torch's global RNG, which
+    # threads building at the same time would share.
+    plain_replicas = [Replica(cfg) for _ in range(2)]
+    secure_replicas = [Replica(cfg) for _ in range(2)]
+    plain = ok(run_ranks(2, lambda r: train(r, False, 1, plain_replicas[r])))
+    secure = ok(run_ranks(2, lambda r: train(r, True, 2, secure_replicas[r])))
+    assert torch.equal(secure[0], secure[1])
+    assert torch.allclose(secure[0], plain[0], atol=1e-5), (secure[0] - plain[0]).abs().max()
+
+
+# -- (2) one masked contribution looks uniform over the ring ----------------------------------
+def test_masked_contribution_is_uniform_and_encoding_is_not() -> None:
+    partners = ["a", "b", "c"]
+    inputs = [[torch.randn(1 << 16, generator=torch.Generator().manual_seed(r)) * 0.01]
+              for r in range(3)]
+    for b in inputs:
+        b[0][-1] = 16.0
+    store = dist.HashStore()
+    results = ok(run_ranks(3, lambda r: secure_sum(store, 3, r, partners, inputs[r])))
+    sent = [capture.sent[0] for _, _, capture in results]
+    # What rank 0 put on the ring, and a partial sum an observer of the ring may see.
+    for values in (sent[0], (sent[0] + sent[1]) & (RING - 1)):
+        assert top_byte_uniformity(values) > 1e-6
+        assert ks_uniformity(values) > 1e-6
+    # The control: the same statistics reject the unmasked encoding outright, so the checks
+    # above would fail if masks were off.
+    plain = results[0][1].encode(inputs[0])[0]
+    assert plain.min() >= 0 and plain.max() < RING
+    assert top_byte_uniformity(plain) < 1e-12
+    assert ks_uniformity(plain) < 1e-12
+
+
+# -- (3) re-keying ------------------------------------------------------------------------------
+def test_new_generation_new_keys_new_masks() -> None:
+    partners = ["a", "b"]
+    inputs = [make_buckets(r, [4096]) for r in range(2)]
+    store = dist.HashStore()
+    gen1 = ok(run_ranks(2, lambda r: secure_sum(store, 1, r, partners, inputs[r], step=7)))
+    gen2 = ok(run_ranks(2, lambda r: secure_sum(store, 2, r, partners, inputs[r], step=7)))
+    n = 4096 + STATUS_SLOTS
+    m1 = gen1[0][1].pair_mask(1, 7, 0, n)
+    m2 = gen2[0][1].pair_mask(1, 7, 0, n)
+    # Both ends of a pair derive the same mask; a new generation derives a different one.
+    assert torch.equal(m1, gen1[1][1].pair_mask(0, 7, 0, n))
+    assert torch.equal(m2, gen2[1][1].pair_mask(0, 7, 0, n))
+    assert (m1 != m2).float().mean() > 0.99
+    # Same step, same gradients, different generation: different bytes on the ring.
+    assert (gen1[0][2].sent[0] != gen2[0][2].sent[0]).float().mean() > 0.99
+    # Another step or bucket of the same generation: another mask too.
+    assert (m1 != gen1[0][1].pair_mask(1, 8, 0, n)).float().mean() > 0.99
+    assert (m1 != gen1[0][1].pair_mask(1, 7, 1, n)).float().mean() > 0.99
+    for out, _, _ in gen1 + gen2:
+        assert_within_quantization(out, reference_sum(inputs), 2)
+
+
+def test_a_step_is_never_masked_twice_in_a_generation() -> None:
+    partners = ["a", "b"]
+    inputs = [make_buckets(r, [64]) for r in range(2)]
+    store = dist.HashStore()
+
+    def twice(rank: int) -> None:
+        _, agg, capture = secure_sum(store, 4, rank, partners, inputs[rank], step=3)
+        with pytest.raises(MaskReuseError, match="step 3 was already masked"):
+            agg.all_reduce_sum(capture, [b.clone() for b in inputs[rank]], 3)
+
+    ok(run_ranks(2, twice))
+
+
+# -- (4) who masks whom -------------------------------------------------------------------------
+def test_same_partner_pairs_unmasked_cross_partner_pairs_masked() -> None:
+    partners = ["a", "a", "b", "b"]
+    inputs = [make_buckets(r, [2048]) for r in range(4)]
+    store = dist.HashStore()
+    results = ok(run_ranks(4, lambda r: secure_sum(store, 1, r, partners, inputs[r], step=5)))
+    aggs = [agg for _, agg, _ in results]
+    assert [a.masked_peers for a in aggs] == [(2, 3), (2, 3), (0, 1), (0, 1)]
+    n = 2048 + STATUS_SLOTS
+    assert aggs[0].pair_mask(1, 5, 0, n) is None and aggs[2].pair_mask(3, 5, 0, n) is None
+    for i, j in [(0, 2), (0, 3), (1, 2), (1, 3)]:
+        assert torch.equal(aggs[i].pair_mask(j, 5, 0, n), aggs[j].pair_mask(i, 5, 0, n))
+    # What rank 0 sent is exactly its encoding plus m_02 + m_03 (it is the lower rank of both
+    # pairs): no mask with rank 1, its own partner's worker.
+    encoded = aggs[0].encode(inputs[0])[0]
+    expected = (encoded + aggs[0].pair_mask(2, 5, 0, n) + aggs[0].pair_mask(3, 5, 0, n)) & (
+        RING - 1)
+    assert torch.equal(results[0][2].sent[0], expected)
+    # And rank 2 subtracts the masks it shares with the lower ranks 0 and 1.
+    encoded = aggs[2].encode(inputs[2])[0]
+    expected = (encoded - aggs[2].pair_mask(0, 5, 0, n) - aggs[2].pair_mask(1, 5, 0, n)) & (
+        RING - 1)
+    assert torch.equal(results[2][2].sent[0], expected)
+    assert_within_quantization(results[0][0], reference_sum(inputs), 4)
+
+
+def test_one_partner_needs_no_masks() -> None:
+    partners = ["a", "a", "a"]
+    inputs = [make_buckets(r, [100, 50]) for r in range(3)]
+    store = dist.HashStore()
+    results = ok(run_ranks(3, lambda r: secure_sum(store, 1, r, partners, inputs[r])))
+    ref = [sum(b[i] for b in inputs) for i in range(2)]  # the plain float sum
+    for out, agg, capture in results:
+        assert not agg.masking and agg.masked_peers == ()
+        assert all(t.dtype == torch.float32 for t in capture.sent)
+        assert all(torch.allclose(o, r) for o, r in zip(out, ref, strict=True))
+
+
+def test_a_mislabeled_peer_is_rejected() -> None:
+    store = dist.HashStore()
+
+    def setup(rank: int) -> None:
+        # Rank 1 claims partner "a" in its key; the plan says "b".
+        plan = ["a", "b"] if rank == 0 else ["a", "a"]
+        SecureAggregator().setup(store, rank, plan, 1, 2.0)
+
+    _, errors = run_ranks(2, setup)
+    assert isinstance(errors[0], SecAggSetupError)
+    assert "rank 1 published a key for partner 'a', the plan says 'b'" in str(errors[0])
+
+
+# -- (5) dropout: a missing peer times out clearly; survivors re-key and sum correctly ----------
+def test_missing_peer_times_out_then_survivors_sum_in_a_new_generation() -> None:
+    server = StoreServer("127.0.0.1")
+    partners = ["a", "b", "c"]
+    inputs = [make_buckets(r, [300, 20]) for r in range(3)]
+
+    def client() -> dist.TCPStore:  # one per rank, as each worker has its own
+        return dist.TCPStore(*server.address, is_master=False, timeout=timedelta(seconds=10))
+
+    aggs = [SecureAggregator() for _ in range(2)]
+
+    def join_without_rank_2(rank: int) -> None:
+        store = dist.PrefixStore("gen-5/", client())
+        aggs[rank].setup(store, rank, partners, 5, timeout_s=0.5)
+
+    t0 = time.monotonic()
+    _, errors = run_ranks(2, join_without_rank_2)  # rank 2 died before publishing its key
+    assert time.monotonic() - t0 < 10
+    for e in errors:
+        assert isinstance(e, SecAggSetupError) and isinstance(e, CollectiveError)
+        assert "generation 5" in str(e) and "ranks [2]" in str(e) and "timed out" in str(e)
+    for agg in aggs:  # a failed setup leaves no half-agreed keys behind
+        assert agg.generation is None and not agg.masking
+        with pytest.raises(CollectiveError, match="setup"):
+            agg.all_reduce_sum(lambda ts: None, inputs[0], 0)
+
+    survivors = partners[:2]
+    results = ok(run_ranks(2, lambda r: secure_sum(client(), 6, r, survivors, inputs[r])))
+    for rank, (out, agg, _) in enumerate(results):
+        assert agg.generation == 6 and agg.masked_peers == (1 - rank,)
+        assert_within_quantization(out, reference_sum(inputs[:2]), 2)
+
+
+def test_peer_lost_mid_step_fails_the_step_then_survivors_re_key() -> None:
+    store = dist.HashStore()
+    partners = ["a", "b", "c"]
+    inputs = [make_buckets(r, [256]) for r in range(3)]
+    timeout = timedelta(seconds=2)
+
+    def step_with_a_dead_peer(rank: int) -> torch.Tensor:
+        prefixed = dist.PrefixStore("gen-8/", store)
+        pg = dist.ProcessGroupGloo(prefixed, rank, 3, timeout)
+        agg = SecureAggregator()
+        agg.setup(prefixed, rank, partners, 8, TIMEOUT_S)
+        if rank == 2:
+            return agg.pair_mask(0, 0, 0, 258)  # joined, then dies before the all-reduce
+        agg.all_reduce_sum(pg_all_reduce(pg, timeout), [b.clone() for b in inputs[rank]], 0)
+        return None
+
+    t0 = time.monotonic()
+    _, errors = run_ranks(3, step_with_a_dead_peer)
+    assert time.monotonic() - t0 < 30
+    assert errors[2] is None
+    assert all(isinstance(e, RuntimeError) for e in errors[:2])  # GenerationGroup: CollectiveError
+    # The step is re-run by the survivors in generation 9: fresh keys, correct sum.
+    results = ok(run_ranks(2, lambda r: secure_sum(store, 9, r, partners[:2], inputs[r])))
+    for out, _, _ in results:
+        assert_within_quantization(out, reference_sum(inputs[:2]), 2)
+
+
+# -- range and non-finite values ----------------------------------------------------------------
+def test_out_of_range_values_are_clipped_and_counted() -> None:
+    partners = ["a", "b"]
+    inputs = [make_buckets(r, [64]) for r in range(2)]
+    inputs[0][0][3] = 1e12  # beyond the 2^29 per-worker range of a group of 2
+    inputs[1][0][4] = -1e12
+    store = dist.HashStore()
+    results = ok(run_ranks(2, lambda r: secure_sum(store, 1, r, partners, inputs[r])))
+    bound = 2.0 ** (RING_BITS - 1 - FRAC_BITS - (2).bit_length())
+    for out, agg, _ in results:
+        assert agg.last_clamped == 2 and agg.last_nonfinite == 0
+        assert float(out[0][3]) == pytest.approx(bound + float(inputs[1][0][3]))
+        assert float(out[0][4]) == pytest.approx(-bound + float(inputs[0][0][4]))
+        assert float(out[0][-1]) == 64.0
+
+
+def test_non_finite_gradient_poisons_the_step_like_the_plain_sum() -> None:
+    partners = ["a", "b"]
+    inputs = [make_buckets(r, [64, 16]) for r in range(2)]
+    inputs[1][0][5] = float("nan")
+    store = dist.HashStore()
+    results = ok(run_ranks(2, lambda r: secure_sum(store, 1, r, partners, inputs[r])))
+    for out, agg, _ in results:
+        assert agg.last_nonfinite == 1
+        assert torch.isnan(out[0]).all() and torch.isnan(out[1][:-2]).all()
+        # The sample counts survive for apply() and the reports; the loss sum is NaN.
+        assert out[1][-2:].tolist() == [64.0, 64.0]
+
+
+def test_setup_validates_its_arguments() -> None:
+    with pytest.raises(ValueError, match="at most 127 workers"):
+        SecureAggregator().setup(dist.HashStore(), 0, [str(i) for i in range(128)], 1, 1.0)
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        SecureAggregator().setup(dist.HashStore(), 2, ["a", "b"], 1, 1.0)
+    with pytest.raises(CollectiveError, match="setup"):
+        SecureAggregator().all_reduce_sum(lambda ts: None, [torch.zeros(3)], 0)
+    # Joining one generation twice would leave peers holding the first key: refused.
+    store = dist.HashStore()
+    SecureAggregator().setup(store, 0, ["a", "a"], 3, 1.0)
+    with pytest.raises(SecAggSetupError, match="rank 0 already published a key"):
+        SecureAggregator().setup(store, 0, ["a", "a"], 3, 1.0)
