@@ -49,3 +49,44 @@ def test_workers_stay_on_matching_nodes_through_replace_and_node_loss(
     for w in workers:
         assert labels[w["node_id"]].get("partner") == w["partner"], w
     assert {w["id"] for w in workers if w["state"] == "active"} >= {"alpha/2", "beta/0"}
+
+
+def test_a_partner_without_room_waits_skipped_and_is_never_placed_elsewhere(
+        ray_cluster, two_partner_data, tmp_path):
+    """gamma's only node goes away: its samples are skipped while its replacement waits for a
+    gamma node (other nodes have room, and are not used); a gamma node joins and it resumes."""
+    first = ray_cluster.add_node(num_cpus=2, labels={"partner": "gamma"})
+    ray_cluster.wait_for_nodes()
+    spec = make_spec(two_partner_data, tmp_path, steps=100_000)
+    spec["partners"].append({
+        "name": "gamma", "data": {"path": two_partner_data["test"]},
+        "placement": {"partner": "gamma"}, "cpus_per_worker": 0.25,
+        "workers": {"initial": 1, "min": 1, "max": 2}})
+    controller = RemoteJobController.remote(spec)
+    done = controller.run.remote()
+    second = None
+    try:
+        wait_for(controller, lambda p: p["step"] >= 3)
+        ray_cluster.remove_node(first)
+        wait_for(controller, lambda p: p["workers"]["gamma"] == 0, timeout_s=60)
+        skipped_from = ray.get(controller.progress.remote())["step"]
+        wait_for(controller, lambda p: p["step"] >= skipped_from + 20)  # the others train on
+        pending = [w for w in ray.get(controller.workers.remote())
+                   if w["partner"] == "gamma" and w["state"] == "starting"]
+        second = ray_cluster.add_node(num_cpus=2, labels={"partner": "gamma"})
+        wait_for(controller, lambda p: p["workers"]["gamma"] == 1, timeout_s=90)
+        step = ray.get(controller.progress.remote())["step"]
+        wait_for(controller, lambda p: p["step"] >= step + 3)
+        workers = ray.get(controller.workers.remote())
+        ray.get(controller.stop.remote())
+        summary = ray.get(done)
+    finally:
+        ray.kill(controller)
+        if second is not None:
+            ray_cluster.remove_node(second)
+    assert pending and all(w["node_id"] is None for w in pending)  # waiting, not placed
+    gamma = [w for w in workers if w["partner"] == "gamma" and w["node_id"]]
+    assert {w["node_id"] for w in gamma} <= {first.node_id, second.node_id}
+    assert any(w["node_id"] == second.node_id and w["state"] == "active" for w in gamma)
+    assert summary["partners"]["gamma"]["skipped_steps"] >= 20
+    assert summary["partners"]["gamma"]["failures"] == 1
