@@ -56,47 +56,49 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_chaos(args: argparse.Namespace) -> int:
+def _on_cluster(address: str | None, action) -> int:
+    """Attach to a running cluster (raysys namespace), run `action()`, detach. A ValueError (no
+    such job or worker) is a usage error: exit status 2 with its message."""
     import ray
 
-    from raysys import chaos
     from raysys.runner import NAMESPACE
 
-    ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False)
+    ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
     try:
+        action()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    from raysys import chaos
+
+    def act() -> None:
         if args.chaos_cmd == "slow":
             chaos.slow(args.job, args.worker, args.factor)
             print(f"{args.worker} of job {args.job} now computes {args.factor:g}x slower")
         else:
             chaos.kill(args.job, args.worker)
             print(f"killed {args.worker} of job {args.job}")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
-    return 0
+
+    return _on_cluster(args.address, act)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import ray
-
-    from raysys.runner import NAMESPACE
     from raysys.status import job_status, print_status, running_jobs
 
-    ray.init(address=args.address or "auto", namespace=NAMESPACE, log_to_driver=False)
-    try:
+    def act() -> None:
         jobs = [args.job] if args.job else running_jobs()
         if not jobs:
             print("no raysys job is running in this cluster")
         for job in jobs:
             print_status(job_status(job))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
-    return 0
+
+    return _on_cluster(args.address, act)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
