@@ -21,6 +21,12 @@ EXPECTED = [
     "ray_raysys_rescales_total",
     "ray_raysys_rescale_seconds_bucket",
     "ray_raysys_worker_failures_total",
+    # the contribution ledger (epsilon only for DP partners: alpha below)
+    "ray_raysys_partner_samples",
+    "ray_raysys_partner_compute_seconds",
+    "ray_raysys_partner_bytes_sent",
+    "ray_raysys_partner_skipped_steps",
+    "ray_raysys_partner_epsilon",
 ]
 
 
@@ -42,6 +48,7 @@ def scrape_all_nodes() -> str:
 def test_training_metrics_reach_the_metrics_endpoint(ray_cluster, two_partner_data, tmp_path):
     spec = make_spec(two_partner_data, tmp_path, steps=100_000, alpha_workers=1, beta_workers=2)
     spec["partners"][0]["workers"]["spares"] = 1
+    spec["partners"][0]["privacy"] = {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
     spec["name"] = "metrics"
     controller = RemoteJobController.remote(spec)
     done = controller.run.remote()
