@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="measure step time by workers and local batch "
                                            "(Pollux placements.csv format) for the simulator")
     prof.add_argument("config")
-    prof.add_argument("--workers", default="1,2,3", help="worker counts, e.g. 1,2,3")
+    prof.add_argument("--workers", default="1,2,3",
+                      help="worker counts, e.g. 1,2,3 (on one host: at most its core count, or "
+                           "the profile measures CPU contention instead of scaling)")
     prof.add_argument("--local-batches", default="16,32,64,128")
     prof.add_argument("--steps", type=int, default=30, help="measured steps per point")
     prof.add_argument("--warmup", type=int, default=5)
