@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -69,11 +68,14 @@ def run_one(policy: str, data: dict, storage: str) -> dict:
         controller = RemoteJobController.remote(spec)
         done = controller.run.remote()
         agent = RemoteAgentActor.remote(controller, spec) if policy != "static" else None
-        grow = threading.Timer(CAPACITY_AT_S, lambda: cluster.add_node(
-            num_cpus=2, labels={"partner": "alpha"}))
-        grow.start()
+        # Ray's add_node installs signal handlers, so it must run in the main thread: wait for
+        # the job or the capacity change, whichever comes first.
+        t0 = time.time()
+        ready, _ = ray.wait([done], timeout=CAPACITY_AT_S)
+        if not ready:
+            cluster.add_node(num_cpus=2, labels={"partner": "alpha"})
+            print(f"{policy}: added an alpha node at {time.time() - t0:.1f} s", flush=True)
         summary = ray.get(done)
-        grow.cancel()
         history = ray.get(controller.history.remote())
         decisions = ray.get(agent.wait.remote(30))["decisions"] if agent else []
     finally:
