@@ -82,7 +82,10 @@ def test_no_worker_method_returns_a_row(run, two_partner_data, tmp_path):
     wait_for(controller, lambda p: p["workers"]["beta"] == 2)
     ray.get(controller.submit.remote(Rebalance("alpha", {"alpha/0": 0.7, "alpha/1": 0.3})))
     ray.get(controller.submit.remote(Replace("alpha/1")))
-    wait_for(controller, lambda p: any("alpha/1 -> " in e and "took" in e for e in p["events"]))
+    ray.get(controller.submit.remote(Replace("alpha/1")))  # again, while the first is on its way
+    events = wait_for(controller, lambda p: any("alpha/1 -> " in e and "took" in e
+                                                for e in p["events"]))["events"]
+    assert any("alpha/1 is already being replaced" in e for e in events), events
     victim = ray.get_actor(f"raysys:{spec['name']}:beta:0")
     ray.kill(victim, no_restart=True)
     wait_for(controller, lambda p: any("beta/0 died" in e for e in p["events"]))
@@ -97,6 +100,7 @@ def test_no_worker_method_returns_a_row(run, two_partner_data, tmp_path):
     ray.get(controller.stop.remote())
     summary = ray.get(done)  # an AssertionError in any worker would have failed the job
     assert summary["steps"] >= step + 25
+    assert summary["workers"]["alpha"] == 2  # one replacement, not two
     # the audit saw the methods that carry results out of a worker
     seen = set().union(*audited.values())
     assert {"load", "build", "join", "run_steps", "export_state", "import_state",

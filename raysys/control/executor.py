@@ -105,6 +105,10 @@ class DecisionExecutor:
             self.log(f"replace: no live worker {d.worker}")
             return None
         p = self.spec.partner(old.partner)
+        if any(m.replaces == old.id for m in self.group.with_state(MemberState.STARTING)):
+            # A cold replacement is already on its way; a second one would grow the partner.
+            self.log(f"replace: {old.id} is already being replaced")
+            return None
         if d.node is not None:
             node = next((n for n in ray.nodes() if n["NodeID"] == d.node and n["Alive"]), None)
             if node is None or not node_matches(node.get("Labels") or {}, p.placement):
