@@ -101,6 +101,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return _on_cluster(args.address, act)
 
 
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from raysys.status import stop_job
+
+    def act() -> None:
+        stop_job(args.job)
+        print(f"job {args.job} stops after the steps in flight (final checkpoint and summary "
+              "are written; --resume continues it)")
+
+    return _on_cluster(args.address, act)
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -155,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("job", nargs="?", help="job name (default: every running job)")
     status.add_argument("--address", default=None)
     status.set_defaults(func=_cmd_status)
+
+    stop = sub.add_parser("stop", help="stop a running job after the steps in flight")
+    stop.add_argument("job", help="job name")
+    stop.add_argument("--address", default=None)
+    stop.set_defaults(func=_cmd_stop)
 
     chaos = sub.add_parser("chaos", help="fault injection for testing (slow or kill a worker)")
     chaos_sub = chaos.add_subparsers(dest="chaos_cmd", required=True)

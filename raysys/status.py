@@ -1,4 +1,5 @@
-"""`raysys status [JOB]`: what a running job is doing, read from its controller and agent actors.
+"""`raysys status [JOB]` and `raysys stop JOB`: look at a running job, or end it, through its
+controller and agent actors.
 
 Jobs are found by their actors' names in the raysys namespace (`raysys:<job>:controller`,
 `raysys:<job>:agent`), so any client of the cluster can look, including from another machine.
@@ -25,15 +26,25 @@ def running_jobs() -> list[str]:
                   if n.startswith("raysys:") and n.endswith(":controller"))
 
 
-def job_status(job: str, timeout_s: float = 10.0) -> dict:
-    """Progress, workers and contribution ledger of `job`, plus its agent's last decisions."""
+def _controller(job: str) -> ray.actor.ActorHandle:
     try:
-        controller = ray.get_actor(CONTROLLER.format(job=job))
+        return ray.get_actor(CONTROLLER.format(job=job))
     except ValueError:
         jobs = running_jobs()
         raise ValueError(f"no running job '{job}' in this cluster"
                          + (f" (running: {', '.join(jobs)})" if jobs else " (none running)")
                          ) from None
+
+
+def stop_job(job: str) -> None:
+    """Ask the job to stop after the steps in flight: it writes its final checkpoint and
+    summary as if it had reached its last step (resume continues from there)."""
+    ray.get(_controller(job).stop.remote(), timeout=30)
+
+
+def job_status(job: str, timeout_s: float = 10.0) -> dict:
+    """Progress, workers and contribution ledger of `job`, plus its agent's last decisions."""
+    controller = _controller(job)
     progress = ray.get(controller.progress.remote(10**9), timeout=timeout_s)
     workers = ray.get(controller.workers.remote(), timeout=timeout_s)
     agent = None

@@ -11,7 +11,7 @@ from rich.console import Console
 from test_elastic import wait_for
 
 from raysys.control.controller import RemoteJobController
-from raysys.status import job_status, print_status, running_jobs
+from raysys.status import job_status, print_status, running_jobs, stop_job
 
 
 def test_status_shows_a_running_jobs_workers_and_ledger(ray_cluster, two_partner_data, tmp_path):
@@ -27,10 +27,11 @@ def test_status_shows_a_running_jobs_workers_and_ledger(ray_cluster, two_partner
         print_status(status, Console(file=out, width=200))
         with pytest.raises(ValueError, match="no running job 'other'.*running: seen"):
             job_status("other")
-        ray.get(controller.stop.remote())
-        ray.get(done)
+        stop_job("seen")  # what `raysys stop seen` does
+        summary = ray.get(done)
     finally:
         ray.kill(controller)
+    assert summary["state"] == "finished" and summary["steps"] >= 5
     text = out.getvalue()
     assert status["progress"]["workers"] == {"alpha": 2, "beta": 1}
     assert status["progress"]["ledger"]["alpha"]["samples"] > 0
