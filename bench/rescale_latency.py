@@ -32,13 +32,12 @@ Usage: .venv/bin/python bench/rescale_latency.py [--repeats N] [--skip-ray-train
 
 from __future__ import annotations
 
-import os
+from common import ray_env_defaults
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+ray_env_defaults()  # before Ray is imported: some of it is read at import time
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -55,7 +54,6 @@ from common import (  # noqa: E402
     machine_line,
     median,
     print_table,
-    ray_env_defaults,
     train_steps,
     worker_runtime_env,
     write_table,
@@ -358,7 +356,6 @@ def main() -> int:
                         help="exit 1 when a goal falls short (default: report only, so that "
                              "`make bench` runs every benchmark)")
     args = parser.parse_args()
-    ray_env_defaults()
     torch.set_num_threads(1)
     print(machine_line())
     print(f"model {CASE.registry} {CASE.kwargs}, global batch {GLOBAL_BATCH}, "

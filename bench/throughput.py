@@ -25,15 +25,14 @@ Usage: .venv/bin/python bench/throughput.py [--rounds N] [--models mlp,cnn] [--s
 
 from __future__ import annotations
 
-import os
+from common import ray_env_defaults
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+ray_env_defaults()  # before Ray is imported: some of it is read at import time
 
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -50,7 +49,6 @@ from common import (  # noqa: E402
     machine_line,
     median,
     print_table,
-    ray_env_defaults,
     timed_ddp_run,
     worker_runtime_env,
     write_table,
@@ -184,7 +182,6 @@ def main() -> int:
                         help="exit 1 when a goal falls short (default: report only, so that "
                              "`make bench` runs every benchmark)")
     args = parser.parse_args()
-    ray_env_defaults()
     torch.set_num_threads(1)
     models = args.models.split(",")
     print(machine_line())
