@@ -476,6 +476,7 @@ class JobController:
         self.last_checkpoint_step = self.step
         if state is None:
             state = ray.get(self.group.active()[0].actor.export_state.remote())
+        self.privacy.update_epsilon(self.ledger, force=True)  # the checkpoint's ledger is exact
         path = self.ckpt.save(Checkpoint(
             self.step, state,
             sampler={"seed": self.spec.seed, "sizes": self.sizes,
@@ -503,6 +504,7 @@ class JobController:
         self.final_state = ray.get(self.group.active()[0].actor.export_state.remote())
         self._maybe_checkpoint(self.final_state)
         held_out = self._evaluate(self.final_state) if self.spec.evaluation else None
+        self.privacy.update_epsilon(self.ledger, force=True)
         summary = {
             "job": self.spec.name, "state": "finished", "steps": self.step,
             "stop_reason": self.stop_reason,

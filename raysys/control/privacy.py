@@ -12,10 +12,15 @@ is never longer than what is left of any budget, so no step is taken past a budg
 
 from __future__ import annotations
 
+import math
+import time
+
 from raysys.control.ledger import Ledger
 from raysys.data.schema import DataError
 from raysys.privacy.dp import DPPlan, PartnerAccountant, partner_sample_rate, plan_dp
 from raysys.spec import JobSpec
+
+EPSILON_REFRESH_S = 2.0
 
 
 class PartnerPrivacy:
@@ -25,6 +30,8 @@ class PartnerPrivacy:
         self.silenced: set[str] = set()  # budget spent: no longer contributing
         self.stop_job = False
         self._on_spent = {}
+        self._epsilon_at = -math.inf  # when epsilon was last written into the ledger
+        self._epsilon_steps: dict[str, int] = {}  # the accountant steps it was computed for
         for p in spec.partners:
             dp = p.privacy.dp
             if dp is None:
@@ -79,18 +86,32 @@ class PartnerPrivacy:
             acc = self.accountants[name]
             if entry.steps_participated > acc.steps:
                 acc.step(entry.steps_participated - acc.steps)
-            entry.epsilon = acc.epsilon() if acc.steps else 0.0
             spent = plan.budget_steps is not None and entry.steps_participated >= plan.budget_steps
             if spent and name not in self.silenced:
                 self.silenced.add(name)
                 entry.budget_spent_at_step = step
+                self.update_epsilon(ledger, force=True)
                 what = "the job stops" if self._on_spent[name] == "stop_job" else (
                     f"{name} stops contributing; the others train on")
                 messages.append(
                     f"partner {name} spent its privacy budget (epsilon {entry.epsilon:.3f} of "
                     f"{plan.target_epsilon:g}, delta {plan.delta:g}) at step {step}: {what}")
                 self.stop_job |= self._on_spent[name] == "stop_job"
+        self.update_epsilon(ledger)
         return messages
+
+    def update_epsilon(self, ledger: Ledger, force: bool = False) -> None:
+        """Write each DP partner's epsilon into the ledger. Opacus' RDP epsilon takes ~0.1 s,
+        as long as a chunk of steps, so between checkpoints and the end (force) it is refreshed
+        at most every EPSILON_REFRESH_S; budgets are enforced by step count, not by this."""
+        now = time.monotonic()
+        if not force and now - self._epsilon_at < EPSILON_REFRESH_S:
+            return
+        self._epsilon_at = now
+        for name, acc in self.accountants.items():
+            if self._epsilon_steps.get(name) != acc.steps:
+                self._epsilon_steps[name] = acc.steps
+                ledger[name].epsilon = acc.epsilon() if acc.steps else 0.0
 
     def restore(self, ledger: Ledger) -> None:
         """On resume: the accountants continue from the checkpoint's ledger."""
@@ -99,3 +120,4 @@ class PartnerPrivacy:
             if entry.budget_spent_at_step is not None:
                 self.silenced.add(name)
         self.record(ledger, step=-1)
+        self.update_epsilon(ledger, force=True)
