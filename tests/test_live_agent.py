@@ -150,6 +150,7 @@ def test_rl_agent_recovers_a_lost_node_and_uses_new_capacity(
         wait_for(controller, lambda p: p["step"] >= 20 and p["workers"]["alpha"] == 2)
         loss_start = ray.get(controller.progress.remote())["loss"]
         ray_cluster.remove_node(spare_room)  # one of alpha's workers goes with it
+        spare_room = None
         wait_for(controller, lambda p: p["workers"]["alpha"] == 1, timeout_s=60)
         step_after_loss = ray.get(controller.progress.remote())["step"]
         wait_for(controller, lambda p: p["step"] >= step_after_loss + 20)  # training goes on
@@ -165,8 +166,9 @@ def test_rl_agent_recovers_a_lost_node_and_uses_new_capacity(
     finally:
         ray.kill(agent)
         ray.kill(controller)
-        if joined is not None:
-            ray_cluster.remove_node(joined)
+        for node in (spare_room, joined):  # the session cluster keeps only its own nodes
+            if node is not None:
+                ray_cluster.remove_node(node)
     active = [w for w in workers if w["state"] == "active" and w["partner"] == "alpha"]
     assert any(w["node_id"] == joined.node_id for w in active), (workers, history)
     assert any("alpha" in h["applied"] and "+" in h["applied"] for h in history), history

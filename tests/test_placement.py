@@ -64,10 +64,11 @@ def test_a_partner_without_room_waits_skipped_and_is_never_placed_elsewhere(
         "workers": {"initial": 1, "min": 1, "max": 2}})
     controller = RemoteJobController.remote(spec)
     done = controller.run.remote()
-    second = None
+    second, first_gone = None, False
     try:
         wait_for(controller, lambda p: p["step"] >= 3)
         ray_cluster.remove_node(first)
+        first_gone = True
         wait_for(controller, lambda p: p["workers"]["gamma"] == 0, timeout_s=60)
         skipped_from = ray.get(controller.progress.remote())["step"]
         wait_for(controller, lambda p: p["step"] >= skipped_from + 20)  # the others train on
@@ -82,6 +83,8 @@ def test_a_partner_without_room_waits_skipped_and_is_never_placed_elsewhere(
         summary = ray.get(done)
     finally:
         ray.kill(controller)
+        if not first_gone:  # the session cluster keeps only its own nodes
+            ray_cluster.remove_node(first)
         if second is not None:
             ray_cluster.remove_node(second)
     assert pending and all(w["node_id"] is None for w in pending)  # waiting, not placed
