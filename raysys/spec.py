@@ -174,6 +174,50 @@ class AgentSpec(_Strict):
     cost_per_worker_second: float = Field(0.0, ge=0)
 
 
+class AggregationSpec(_Strict):
+    """How partners combine what they learn (docs/cross-silo.md).
+
+    allreduce: every step, all workers' gradients are summed (one synchronous model).
+    local_sgd: each partner trains `local_steps` steps on its own data (its workers, if several,
+    all-reduce inside the partner every step: hierarchical), then the partner models are fused:
+    their changes averaged weighted by samples contributed (FedAvg) and applied by a server
+    optimizer (plain average, server momentum, or Adam on the fused change)."""
+
+    mode: Literal["allreduce", "local_sgd"] = "allreduce"
+    local_steps: int = Field(5, ge=1)  # H: local steps between two fusions
+    proximal_mu: float = Field(0.0, ge=0)  # FedProx: local loss + mu/2 |w - w_global|^2
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    # None: 1.0 for fedavg and fedavgm, 0.01 for fedadam (Reddi et al.'s range).
+    server_lr: float | None = Field(None, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)  # fedavgm
+    server_betas: tuple[float, float] = (0.9, 0.99)  # fedadam
+    server_tau: float = Field(1e-3, gt=0)  # fedadam: adaptivity floor
+
+    @field_validator("server_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas must lie in [0, 1), not {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _fields_of_mode(self) -> AggregationSpec:
+        if self.mode == "allreduce":
+            # Compared with the defaults, not with the fields set: a dumped spec sets them all.
+            stray = sorted(name for name, f in type(self).model_fields.items()
+                           if name != "mode" and getattr(self, name) != f.get_default(
+                               call_default_factory=True))
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply with mode: local_sgd")
+        return self
+
+    @property
+    def resolved_server_lr(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return 0.01 if self.server_optimizer == "fedadam" else 1.0
+
+
 class RuntimeSpec(_Strict):
     # A collective that waits longer than this is a failure (a peer died or hangs): the step is
     # re-run on the survivors instead of hanging the job.
@@ -184,6 +228,9 @@ class RuntimeSpec(_Strict):
     steps_per_call: int = Field(0, ge=0)
     log_every_steps: int = Field(10, ge=1)
     metrics_export_port: int | None = Field(None, ge=1024, le=65535)
+    # Testing aid: every exchange that crosses partners (the all-reduce of a step in allreduce
+    # mode, a fusion in local_sgd mode) waits this long first, to emulate slow inter-site links.
+    cross_partner_delay_ms: float = Field(0.0, ge=0)
 
 
 class ChaosSpec(_Strict):
@@ -218,6 +265,7 @@ class JobSpec(_Strict):
     agent: AgentSpec = Field(default_factory=AgentSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     chaos: list[ChaosSpec] = Field(default_factory=list)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     # Pairwise-masked, fixed-point all-reduce: no worker or network observer sees another
     # partner's individual gradient, only the sum (raysys/privacy/secagg.py).
     secure_aggregation: bool = False

@@ -104,4 +104,4 @@ def test_no_worker_method_returns_a_row(run, two_partner_data, tmp_path):
     # the audit saw the methods that carry results out of a worker
     seen = set().union(*audited.values())
     assert {"load", "build", "join", "run_steps", "export_state", "import_state",
-            "current_step", "flat_parameters"} <= seen, audited
+            "settle", "flat_parameters"} <= seen, audited

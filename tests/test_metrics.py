@@ -25,6 +25,7 @@ EXPECTED = [
     "ray_raysys_partner_samples",
     "ray_raysys_partner_compute_seconds",
     "ray_raysys_partner_bytes_sent",
+    "ray_raysys_partner_bytes_within",
     "ray_raysys_partner_skipped_steps",
     "ray_raysys_partner_epsilon",
 ]

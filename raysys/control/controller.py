@@ -37,6 +37,7 @@ from raysys.spec import JobSpec
 from raysys.train.checkpoint import Checkpoint, CheckpointStore
 from raysys.train.collective import StoreServer
 from raysys.train.evaluation import evaluate_remote
+from raysys.train.fusion import fusion_config, round_end
 from raysys.train.group import ElasticGroup, GroupError, MemberState
 from raysys.train.replica import Replica, ReplicaConfig
 
@@ -76,6 +77,10 @@ class JobController:
         self.timeline: deque[tuple[float, int, int, float]] = deque(maxlen=20000)
         self.worker_seconds = 0.0  # live workers x wall time, the objective's cost term
         self.last_checkpoint_step = -1
+        self.evaluation_log: list[dict] = []
+        # Last multiple of every_steps acted on: under local SGD a chunk may step over a
+        # multiple (it ends on a round boundary), and the checkpoint or evaluation then follows.
+        self._last_due = {"ckpt": 0, "eval": 0}
         self.log_lines: deque[tuple[int, str]] = deque(maxlen=500)
         self.n_logged = 0
         self.t_start = time.time()
@@ -178,6 +183,11 @@ class JobController:
         """(step, step time, sync time) of recent steps, as `raysys profile` records them."""
         return list(self.step_log)
 
+    def evaluations(self) -> list[dict]:
+        """Periodic held-out evaluations: step, job time when it started, its own duration
+        (so time-to-accuracy figures can leave evaluation out), loss and accuracy."""
+        return list(self.evaluation_log)
+
     def rescale_events(self) -> list[dict]:
         return [dict(asdict(e), latency_s=e.latency_s) for e in self.rescales]
 
@@ -267,11 +277,14 @@ class JobController:
             model=s.model.name, model_kwargs=dict(s.model.kwargs), in_features=in_features,
             num_classes=num_classes, seed=s.seed, optimizer=s.optimizer.name, lr=s.optimizer.lr,
             momentum=s.optimizer.momentum, weight_decay=s.optimizer.weight_decay,
-            bucket_mb=s.runtime.bucket_mb,
+            bucket_mb=s.runtime.bucket_mb, fusion=fusion_config(s),
         )
 
     # -- RUNNING -----------------------------------------------------------------------------
     def _train(self) -> None:
+        ev, every = self.spec.evaluation, self.spec.checkpoint.every_steps
+        self._last_due = {"ckpt": self.step // every if every else 0,
+                          "eval": self.step // ev.every_steps if ev and ev.every_steps else 0}
         while self.step < self.spec.steps and not self._stop.is_set():
             self._inject_chaos()
             self._apply_changes()
@@ -318,7 +331,16 @@ class JobController:
             n = min(n, max(1, left))
         if self._open_events or not self.decisions.empty():
             n = 1  # a change is in flight: measure its first step precisely
-        return max(1, min(n, self.spec.steps - self.step))
+        n = max(1, min(n, self.spec.steps - self.step))
+        if self.group.replica_cfg.fusion is not None:
+            # Local SGD: a call ends with a fusion, so it must end on a round boundary (or at
+            # the end of the job, or where a privacy budget ends): fusions then depend on the
+            # spec alone, never on how steps were chunked.
+            end = round_end(self.step + n - 1, self.spec.aggregation.local_steps)
+            if left is not None:
+                end = min(end, self.step + max(1, left))
+            n = min(end, self.spec.steps) - self.step
+        return n
 
     def _run_chunk(self, n: int) -> tuple[dict[str, object], list[str]]:
         plans = self.group.plans(self.privacy.batches(self.batch_sizes),
@@ -354,8 +376,9 @@ class JobController:
                 self._log(f"{member_id}: {r.error}")
         advanced = best.steps_done
         counts = self.group.counts()
+        step_losses = self._step_losses(reports, advanced)
         for i in range(advanced):
-            self.losses.append(best.loss[i])
+            self.losses.append(step_losses[i])
             # The step lasts as long as its slowest worker's compute plus the sync after it
             # (the others' sync includes waiting for that worker).
             slowest = max((r for r in reports.values() if r.steps_done > i),
@@ -367,12 +390,14 @@ class JobController:
                 self._close_events(t_chunk + step_time)
         compute_s: dict[str, float] = {}
         bytes_sent: dict[str, int] = {}
+        bytes_local: dict[str, int] = {}
         for member_id, r in reports.items():
             partner = self.group.members[member_id].partner
             compute_s[partner] = compute_s.get(partner, 0.0) + sum(r.compute_s[:advanced])
             bytes_sent[partner] = bytes_sent.get(partner, 0) + sum(r.bytes_sent[:advanced])
+            bytes_local[partner] = bytes_local.get(partner, 0) + sum(r.bytes_local[:advanced])
         batches = self.privacy.batches(self.batch_sizes)
-        self.ledger.record_steps(advanced, batches, counts, compute_s, bytes_sent)
+        self.ledger.record_steps(advanced, batches, counts, compute_s, bytes_sent, bytes_local)
         self.step += advanced
         for message in self.privacy.record(self.ledger, self.step):
             self._log(message)
@@ -392,6 +417,25 @@ class JobController:
             self._log(f"step {self.step}/{self.spec.steps} loss {self.losses[-1]:.4f} "
                       f"{self._throughput():.0f} samples/s {self._describe_counts()}")
         return done
+
+    def _step_losses(self, reports: dict, steps: int) -> list[float]:
+        """The job's mean training loss of each step. All workers report the same global loss
+        under allreduce; under local SGD each reports its partner's, combined here weighted by
+        samples (partners under differential privacy keep their loss to themselves: NaN)."""
+        full = [r for r in reports.values() if r.steps_done >= steps]
+        if self.group.replica_cfg.fusion is None:
+            return max(full, key=lambda r: r.steps_done).loss[:steps]
+        per_partner = {}
+        for member_id, r in reports.items():
+            if r.steps_done >= steps:
+                per_partner.setdefault(self.group.members[member_id].partner, r)
+        out = []
+        for i in range(steps):
+            pairs = [(r.loss[i], r.samples[i]) for r in per_partner.values()
+                     if r.samples[i] and np.isfinite(r.loss[i])]
+            n = sum(w for _, w in pairs)
+            out.append(sum(v * w for v, w in pairs) / n if n else float("nan"))
+        return out
 
     # -- faults ------------------------------------------------------------------------------
     def _recover(self, lost: list[str]) -> None:
@@ -470,7 +514,9 @@ class JobController:
     def _maybe_checkpoint(self, state: dict | None = None) -> None:
         """Write a durable checkpoint every `every_steps` steps, or now when `state` is given."""
         every = self.spec.checkpoint.every_steps
-        due = state is not None or (every and self.step % every == 0)
+        due = state is not None or (every and self.step // every > self._last_due["ckpt"])
+        if every:
+            self._last_due["ckpt"] = self.step // every
         if not due or self.last_checkpoint_step == self.step:
             return
         self.last_checkpoint_step = self.step
@@ -487,9 +533,14 @@ class JobController:
 
     def _maybe_evaluate(self) -> dict | None:
         ev = self.spec.evaluation
-        if ev is None or not ev.every_steps or self.step % ev.every_steps:
+        if ev is None or not ev.every_steps or \
+                self.step // ev.every_steps <= self._last_due["eval"]:
             return None
+        self._last_due["eval"] = self.step // ev.every_steps
+        t0 = time.time()
         result = self._evaluate()
+        self.evaluation_log.append({"step": self.step, "t": t0 - self.t_start,
+                                    "seconds": time.time() - t0, **result})
         self._log(f"eval at step {self.step}: loss {result['loss']:.4f} "
                   f"accuracy {result['accuracy']:.3f}")
         return result
@@ -514,7 +565,8 @@ class JobController:
             "partners": self.ledger.to_dict(),
             "batch_per_step": self.batch_sizes, "workers": self.group.counts(),
             "rescales": len(self.rescales), "wall_time_s": time.time() - self.t_start,
-            "training_time_s": self._training_time(), "worker_seconds": self.worker_seconds,
+            "training_time_s": self._training_time(), "first_step_at_s": self._t_first_step,
+            "worker_seconds": self.worker_seconds,
             "samples_per_s": self._throughput(), "data_warnings": self.data_warnings,
         }
         self.group.shutdown()

@@ -7,6 +7,8 @@ persisted with every checkpoint (so a resumed job continues the same account), s
 `raysys status`, printed in the final report and exported as raysys_partner_* metrics.
 
 Bytes are counted by each worker (raysys/train/collective.py) as a ring all-reduce sends them,
+apart for the job-wide exchange (every step under allreduce, each fusion under local SGD: what
+crosses partner sites) and the all-reduce among a partner's own workers (local SGD steps), at
 2 (n - 1) / n times the payload (gloo's CPU all-reduce is ring-based; its exact schedule is gloo's
 business), the payload being the gradient buckets in their wire format.
 """
@@ -26,7 +28,8 @@ class PartnerLedger:
     skipped_steps: int = 0
     failures: int = 0
     compute_s: float = 0.0
-    bytes_exchanged: int = 0
+    bytes_exchanged: int = 0  # sent to the job-wide exchange (across partners)
+    bytes_within_partner: int = 0  # sent among its own workers (local SGD steps)
     epsilon: float | None = None  # None: the partner trains without differential privacy
     budget_spent_at_step: int | None = None  # the step after which it stopped contributing
 
@@ -41,10 +44,12 @@ class Ledger:
 
     def record_steps(self, steps: int, batch_sizes: Mapping[str, int],
                      workers: Mapping[str, int], compute_s: Mapping[str, float],
-                     bytes_sent: Mapping[str, int]) -> None:
+                     bytes_sent: Mapping[str, int],
+                     bytes_local: Mapping[str, int] | None = None) -> None:
         """`steps` steps completed with `workers[p]` live workers of each partner, which computed
-        for `compute_s[p]` seconds and sent `bytes_sent[p]` bytes in all. A partner contributes
-        when it has live workers and a non-zero batch."""
+        for `compute_s[p]` seconds and sent `bytes_sent[p]` bytes to the job-wide exchange and
+        `bytes_local[p]` among themselves. A partner contributes when it has live workers and a
+        non-zero batch."""
         for name, entry in self.partners.items():
             if workers.get(name, 0) and batch_sizes.get(name, 0):
                 entry.samples += batch_sizes[name] * steps
@@ -53,6 +58,7 @@ class Ledger:
                 entry.skipped_steps += steps
             entry.compute_s += compute_s.get(name, 0.0)
             entry.bytes_exchanged += bytes_sent.get(name, 0)
+            entry.bytes_within_partner += (bytes_local or {}).get(name, 0)
 
     def record_failure(self, partner: str) -> None:
         self.partners[partner].failures += 1
@@ -63,6 +69,7 @@ class Ledger:
             metrics.PARTNER_SAMPLES.set(e.samples, tags=tags)
             metrics.PARTNER_COMPUTE_SECONDS.set(e.compute_s, tags=tags)
             metrics.PARTNER_BYTES.set(e.bytes_exchanged, tags=tags)
+            metrics.PARTNER_LOCAL_BYTES.set(e.bytes_within_partner, tags=tags)
             metrics.PARTNER_SKIPPED_STEPS.set(e.skipped_steps, tags=tags)
             if e.epsilon is not None:
                 metrics.PARTNER_EPSILON.set(e.epsilon, tags=tags)
@@ -93,8 +100,14 @@ def format_ledger(ledger: Mapping[str, Mapping]) -> list[tuple[str, str]]:
         rows.append((name, (
             f"{e['samples']:,} samples, {e['steps_participated']} steps "
             f"({e['skipped_steps']} skipped), {e['compute_s']:.1f} compute-s, "
-            f"{_human_bytes(e['bytes_exchanged'])} sent, {e['failures']} failures{eps}")))
+            f"{_human_bytes(e['bytes_exchanged'])} sent{_local_bytes(e)}, "
+            f"{e['failures']} failures{eps}")))
     return rows
+
+
+def _local_bytes(e: Mapping) -> str:
+    local = e.get("bytes_within_partner") or 0
+    return f" (+{_human_bytes(local)} within the partner)" if local else ""
 
 
 def _human_bytes(n: float) -> str:

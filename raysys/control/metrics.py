@@ -95,7 +95,14 @@ class _Metrics:
     @cached_property
     def PARTNER_BYTES(self):
         return self._partner_gauge("raysys_partner_bytes_sent",
-                                   "Bytes a partner's workers sent in gradient all-reduces.")
+                                   "Bytes a partner's workers sent to the job-wide exchange "
+                                   "(gradient all-reduces, or fusions under local SGD).")
+
+    @cached_property
+    def PARTNER_LOCAL_BYTES(self):
+        return self._partner_gauge("raysys_partner_bytes_within",
+                                   "Bytes a partner's workers sent among themselves "
+                                   "(local SGD steps).")
 
     @cached_property
     def PARTNER_SKIPPED_STEPS(self):

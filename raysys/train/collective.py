@@ -10,6 +10,7 @@ or hung peer turns into a CollectiveError instead of a hang.
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -42,18 +43,28 @@ def free_port() -> int:
 
 
 class GenerationGroup:
-    """This worker's membership in one generation: rank, world size and the gloo group."""
+    """This worker's membership in one generation: rank, world size and the gloo group; under
+    local SGD also a group of its own partner's workers (ranks of one partner are contiguous)."""
 
     def __init__(self, generation: int, rank: int, world: int, store_host: str, store_port: int,
-                 timeout_s: float, secure_partners: list[str] | None = None) -> None:
-        """`secure_partners` (the partner of every rank) turns on secure aggregation: keys are
-        agreed here, once per generation, so every generation masks with fresh ones."""
+                 timeout_s: float, partners: list[str] | None = None, secure: bool = False,
+                 partner_group: bool = False, cross_partner_delay_s: float = 0.0) -> None:
+        """`partners` is the partner of every rank. `secure` turns on secure aggregation for
+        the global group: keys are agreed here, once per generation, so every generation masks
+        with fresh ones. `partner_group` also forms the partner-local group (local_sgd).
+        `cross_partner_delay_s` (testing aid) delays every global all-reduce that spans
+        partners, emulating a slow inter-site link."""
+        if (secure or partner_group) and (partners is None or len(partners) != world):
+            raise ValueError("secure aggregation and partner groups need the partner of every rank")
         self.generation = generation
         self.rank = rank
         self.world = world
         self.timeout = timedelta(seconds=timeout_s)
         self._pg = None
         self._secure = None
+        self._local: GenerationGroup | None = None
+        spans_partners = partners is None or len(set(partners)) > 1
+        self._delay_s = cross_partner_delay_s if spans_partners else 0.0
         if world > 1:
             try:
                 client = dist.TCPStore(
@@ -65,12 +76,17 @@ class GenerationGroup:
                 raise CollectiveError(
                     f"generation {generation}: rendezvous of rank {rank}/{world} failed: {exc}"
                 ) from exc
-            if secure_partners is not None:
+            if secure:
                 from raysys.privacy.secagg import SecureAggregator
 
                 agg = SecureAggregator()
-                agg.setup(store, rank, secure_partners, generation, timeout_s)
+                agg.setup(store, rank, partners, generation, timeout_s)
                 self._secure = agg if agg.masking else None  # one partner: nothing to hide
+            if partner_group:
+                mine = [r for r, p in enumerate(partners) if p == partners[rank]]
+                self._local = _LocalGroup(generation, mine.index(rank), len(mine), client,
+                                          f"gen-{generation}/partner-{partners[rank]}/",
+                                          self.timeout)
 
     def all_reduce_sum(self, buckets: list[torch.Tensor], step: int = 0) -> int:
         """Sum each flat bucket across the generation, in place: plainly, or under secure
@@ -79,6 +95,8 @@ class GenerationGroup:
         (for the contribution ledger)."""
         if self._pg is None:
             return 0
+        if self._delay_s:
+            time.sleep(self._delay_s)
         if self._secure is not None:
             self._secure.all_reduce_sum(self._all_reduce, buckets, step)
             payload = sum(b.numel() for b in buckets) * 8  # int64 ring elements on the wire
@@ -86,6 +104,12 @@ class GenerationGroup:
             self._all_reduce(buckets)
             payload = sum(b.numel() * b.element_size() for b in buckets)
         return int(2 * (self.world - 1) / self.world * payload)
+
+    def partner_all_reduce_sum(self, buckets: list[torch.Tensor]) -> int:
+        """Sum across this worker's own partner only (local SGD steps); returns bytes sent."""
+        if self._local is None:
+            return 0
+        return self._local.all_reduce_sum(buckets)
 
     def _all_reduce(self, tensors: list[torch.Tensor]) -> None:
         """One batch of async all-reduce ops, each with the collective timeout."""
@@ -100,3 +124,30 @@ class GenerationGroup:
 
     def close(self) -> None:
         self._pg = None
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+
+
+class _LocalGroup(GenerationGroup):
+    """The workers of one partner within a generation: plain float all-reduce, no delay (they
+    share a site), no masks (they share a data owner)."""
+
+    def __init__(self, generation: int, rank: int, world: int, client: dist.Store, prefix: str,
+                 timeout: timedelta) -> None:
+        self.generation = generation
+        self.rank = rank
+        self.world = world
+        self.timeout = timeout
+        self._pg = None
+        self._secure = None
+        self._local = None
+        self._delay_s = 0.0
+        if world > 1:
+            try:
+                self._pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, client), rank, world,
+                                                 timeout)
+            except RuntimeError as exc:
+                raise CollectiveError(
+                    f"generation {generation}: partner rendezvous of rank {rank}/{world} "
+                    f"failed: {exc}") from exc

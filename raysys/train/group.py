@@ -97,8 +97,9 @@ class ElasticGroup:
         """Which chunk of its partner's batch each active worker takes (a StepPlan, per worker).
 
         `dp[p]` = (noise_multiplier, max_grad_norm) of a partner under differential privacy.
-        Under secure aggregation its k workers each add 1/k of the noise variance: only the
-        partner's sum is ever visible, and it carries the full noise. Without it, a worker's
+        Under secure aggregation (or local SGD, where a partner's workers sum their gradients
+        among themselves) its k workers each add 1/k of the noise variance: only the partner's
+        sum is ever visible, and it carries the full noise. Without it, a worker's
         bucket can be seen alone on the ring, so each adds the full noise (sqrt(k) times more
         in the sum than accounted for: safe, at some cost in accuracy)."""
         out = {}
@@ -108,7 +109,12 @@ class ElasticGroup:
             step = None
             if dp and p.name in dp:
                 sigma, clip = dp[p.name]
-                k = len(members) if self.spec.secure_aggregation else 1
+                # Under local SGD a worker's noised gradient is summed inside its partner, and
+                # only the partner's fused model change leaves it: the same as secure
+                # aggregation for this purpose.
+                shared = self.spec.secure_aggregation or \
+                    self.spec.aggregation.mode == "local_sgd"
+                k = len(members) if shared else 1
                 step = DPStep(clip, sigma * clip / math.sqrt(max(k, 1)))
             for pos, m in enumerate(members):
                 out[m.id] = WorkerPlan(batch_sizes[p.name], pos, shares, step)
@@ -200,7 +206,9 @@ class ElasticGroup:
             if not members:
                 raise GroupError("no live worker left in any partner")
             try:
-                steps = self._get([m.actor.current_step.remote() for m in members], timeout_s)
+                # settle(): under local SGD a worker drops a round it could not finish, so
+                # every worker is at a fusion boundary, where all partners hold one model.
+                steps = self._get([m.actor.settle.remote() for m in members], timeout_s)
                 target = max(steps)
                 source = members[steps.index(target)]
                 behind = [m for m, s in zip(members, steps, strict=True) if s != target]
@@ -210,11 +218,13 @@ class ElasticGroup:
                 self.generation += 1
                 host, port = self.store.address
                 world = len(members)
-                # Under secure aggregation every rank must know every rank's partner: masks
-                # are shared between workers of different partners only.
-                partners = [m.partner for m in members] if self.spec.secure_aggregation else None
+                # Every rank knows every rank's partner: secure aggregation masks only between
+                # workers of different partners, local SGD groups each partner's workers.
+                partners = [m.partner for m in members]
+                delay_s = self.spec.runtime.cross_partner_delay_ms / 1000
                 self._get([m.actor.join.remote(self.generation, rank, world, host, port,
-                                               timeout_s, partners)
+                                               timeout_s, partners, self.spec.secure_aggregation,
+                                               delay_s)
                            for rank, m in enumerate(members)], timeout_s)
                 return target
             except _MemberLost as lost:

@@ -12,7 +12,7 @@ import torch
 
 from raysys.data.sampler import partner_batch_sizes, step_indices
 from raysys.data.sources import PartnerTable
-from raysys.train.replica import DPStep, Replica, ReplicaConfig
+from raysys.train.replica import TAIL, DPStep, Replica, ReplicaConfig
 
 
 def reference_parameters(cfg: ReplicaConfig, tables: dict[str, PartnerTable], seed: int,
@@ -59,6 +59,36 @@ def reference_replica(cfg: ReplicaConfig, tables: dict[str, PartnerTable], seed:
             bucket.copy_(total)
         replica.apply()
     return replica
+
+
+def reference_local_sgd(cfg: ReplicaConfig, tables: dict[str, PartnerTable], seed: int,
+                        global_batch: int, steps: int) -> Replica:
+    """Local SGD (cfg.fusion) in one process: one replica per partner, each stepping on its
+    partner's samples, fused on the same round boundaries as a job. Returns the replica of the
+    first partner (after the last fusion every partner holds the same model)."""
+    torch.set_num_threads(1)
+    if cfg.fusion is None:
+        raise ValueError("reference_local_sgd needs a ReplicaConfig with fusion")
+    sizes = {p: int(t.y.shape[0]) for p, t in tables.items()}
+    batches = partner_batch_sizes(sizes, global_batch)
+    replicas = {p: Replica(cfg) for p in tables}
+    for step in range(steps):
+        for partner, table in tables.items():
+            idx = step_indices(seed, partner, sizes[partner], batches[partner], step)
+            replica = replicas[partner]
+            replica.local_gradients(torch.from_numpy(table.x[idx]), torch.from_numpy(table.y[idx]))
+            replica.apply()
+            replica.fusion.samples += len(idx)
+        if cfg.fusion.ends_round(step, steps - 1):
+            summed = None
+            for replica in replicas.values():
+                replica.fusion.write_shares(replica.buckets[-1][-TAIL:])
+                summed = _add(summed, replica.buckets)
+            for replica in replicas.values():
+                for bucket, total in zip(replica.buckets, summed, strict=True):
+                    bucket.copy_(total)
+                replica.fusion.fuse(replica.buckets[-1][-TAIL:], step + 1)
+    return next(iter(replicas.values()))
 
 
 def _add(total: list[torch.Tensor] | None, buckets: list[torch.Tensor]) -> list[torch.Tensor]:

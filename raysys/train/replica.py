@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raysys.models import build_model, build_optimizer
+from raysys.train.fusion import FusionConfig, PartnerFusion
 
 TAIL = 3  # slots after the last bucket's gradients: [loss_sum, loss_samples, samples]
 
@@ -42,6 +43,7 @@ class ReplicaConfig:
     momentum: float
     weight_decay: float
     bucket_mb: float = 25.0
+    fusion: FusionConfig | None = None  # local SGD across partners (aggregation: local_sgd)
 
 
 class Replica:
@@ -57,6 +59,8 @@ class Replica:
         self.buckets = self._bind_gradient_buckets(int(cfg.bucket_mb * 2**20))
         self._loss = nn.CrossEntropyLoss(reduction="sum")
         self._clipper = None  # a DPClipper, made on the first private step
+        self.fusion = None if cfg.fusion is None else PartnerFusion(
+            cfg.fusion, self.model, self.optimizer, self.step)
 
     def _bind_gradient_buckets(self, bucket_bytes: int) -> list[torch.Tensor]:
         """Allocate flat buffers and make every parameter's .grad a view into one of them.
@@ -132,22 +136,37 @@ class Replica:
             return loss, 0
         for b in self.buckets:
             b.div_(n)
+        if self.fusion is not None:
+            self.fusion.proximal_()
         self.optimizer.step()
         self.step += 1
         return loss, n
 
     # -- state, for newcomers (in memory) and for durable checkpoints -------------------------
     def state(self) -> dict:
-        return {
+        """Under local SGD only valid on a round boundary (callers settle() first)."""
+        state = {
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
         }
+        if self.fusion is not None:
+            state["fusion"] = self.fusion.state()
+        return state
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        if self.fusion is not None:
+            self.fusion.load_state(state.get("fusion"), self.step)
+
+    def settle(self) -> int:
+        """Drop local progress no other partner has seen yet (an unfinished local-SGD round:
+        after a failure it is re-run); returns the step this replica is then at."""
+        if self.fusion is not None and self.step != self.fusion.round_start:
+            self.step = self.fusion.rollback()
+        return self.step
 
     def flat_parameters(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])

@@ -24,7 +24,7 @@ from raysys.data.sampler import split_indices, step_indices
 from raysys.data.sources import TableSchema, load_partner_table
 from raysys.data.summary import DataSummary, summarize
 from raysys.train.collective import CollectiveError, GenerationGroup
-from raysys.train.replica import DPStep, Replica, ReplicaConfig
+from raysys.train.replica import TAIL, DPStep, Replica, ReplicaConfig
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,16 @@ class ChunkReport:
     local_batch: list[int] = field(default_factory=list)
     compute_s: list[float] = field(default_factory=list)
     sync_s: list[float] = field(default_factory=list)
-    bytes_sent: list[int] = field(default_factory=list)  # by this worker in each step's all-reduce
+    bytes_sent: list[int] = field(default_factory=list)  # by this worker, job-wide exchanges
+    bytes_local: list[int] = field(default_factory=list)  # inside its partner (local SGD)
     error: str | None = None
+
+    def truncate(self, steps: int) -> None:
+        """Keep only the first `steps` steps."""
+        self.steps_done = steps
+        for name in ("loss", "samples", "local_batch", "compute_s", "sync_s", "bytes_sent",
+                     "bytes_local"):
+            del getattr(self, name)[steps:]
 
 
 @dataclass(frozen=True)
@@ -104,10 +112,13 @@ class PartnerWorker:
         return self.replica.step
 
     def join(self, generation: int, rank: int, world: int, store_host: str, store_port: int,
-             timeout_s: float, secure_partners: list[str] | None = None) -> int:
+             timeout_s: float, partners: list[str], secure: bool = False,
+             cross_partner_delay_s: float = 0.0) -> int:
         self.leave()
-        self.group = GenerationGroup(generation, rank, world, store_host, store_port, timeout_s,
-                                     secure_partners)
+        self.group = GenerationGroup(
+            generation, rank, world, store_host, store_port, timeout_s, partners, secure,
+            partner_group=self.replica.fusion is not None,
+            cross_partner_delay_s=cross_partner_delay_s)
         return self.replica.step
 
     def leave(self) -> None:
@@ -122,8 +133,10 @@ class PartnerWorker:
         self.replica.load_state(state)
         return self.replica.step
 
-    def current_step(self) -> int:
-        return self.replica.step if self.replica else -1
+    def settle(self) -> int:
+        """The step this worker can continue from: under local SGD an unfinished round is
+        rolled back first (see raysys/train/fusion.py)."""
+        return self.replica.settle() if self.replica else -1
 
     def set_slowdown(self, factor: float) -> None:
         self.slowdown = factor
@@ -139,6 +152,9 @@ class PartnerWorker:
             report.error = f"{self.worker_id} is at step {self.replica.step}, not {first_step}"
             return report
         rows = int(self._y.shape[0])
+        fusion = self.replica.fusion  # None: all-reduce every step across all partners
+        last = first_step + n_steps - 1
+        pending = 0  # steps of the current local-SGD round, not yet fused
         for step in range(first_step, first_step + n_steps):
             t0 = time.perf_counter()
             if plan.partner_batch:
@@ -155,13 +171,32 @@ class PartnerWorker:
             if self.slowdown > 1.0:
                 time.sleep((t1 - t0) * (self.slowdown - 1.0))
                 t1 = time.perf_counter()
+            fused = False
+            sent = local_sent = 0
             try:
-                sent = self.group.all_reduce_sum(self.replica.buckets, step)
+                if fusion is None:
+                    sent = self.group.all_reduce_sum(self.replica.buckets, step)
+                    loss, n = self.replica.apply()
+                else:
+                    local_sent = self.group.partner_all_reduce_sum(self.replica.buckets)
+                    loss, n = self.replica.apply()  # the partner's own loss and samples
+                    fusion.samples += int(mine.numel())
+                    if fusion.cfg.ends_round(step, last):
+                        tail = self.replica.buckets[-1][-TAIL:]
+                        fusion.write_shares(tail)
+                        sent = self.group.all_reduce_sum(self.replica.buckets, step)
+                        fusion.fuse(tail, step + 1)
+                        fused = True
             except CollectiveError as exc:
                 report.error = str(exc)
+                if fusion is not None:
+                    # The unfinished round never left the partner: roll it back, and report
+                    # only the steps up to the last fusion (they are re-run after recovery).
+                    self.replica.settle()
+                    report.truncate(report.steps_done - pending)
                 break
-            loss, n = self.replica.apply()
             t2 = time.perf_counter()
+            pending = 0 if fusion is None or fused else pending + 1
             report.steps_done += 1
             report.loss.append(loss)
             report.samples.append(n)
@@ -169,6 +204,7 @@ class PartnerWorker:
             report.compute_s.append(t1 - t0)
             report.sync_s.append(t2 - t1)
             report.bytes_sent.append(sent)
+            report.bytes_local.append(local_sent)
         self._export_metrics(report)
         return report
 
