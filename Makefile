@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-flower-venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,17 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/rescale_latency.py
+
+# Benchmark-only: Flower's simulation engine for bench/cross_silo.py, in a venv of its own (flwr
+# pins another Ray than ours). torch==2.13.0 first, pinned, so flwr cannot pull another build.
+.venv-flwr/.installed:
+	test -x .venv-flwr/bin/python || $(PY) -m venv .venv-flwr
+	.venv-flwr/bin/pip install --quiet torch==2.13.0
+	echo "torch==2.13.0" > .venv-flwr/constraints.txt
+	.venv-flwr/bin/pip install --quiet -c .venv-flwr/constraints.txt "flwr[simulation]==1.42.0" pyarrow numpy
+	touch .venv-flwr/.installed
+
+bench-flower-venv: .venv-flwr/.installed
 
 clean:
 	rm -rf $(VENV) data/digits .pytest_cache

@@ -150,3 +150,20 @@ def test_non_iid_partners_reach_centralised_accuracy(run, tmp_path):
     assert centralised > 0.93, centralised
     for label, acc in accuracy.items():
         assert acc >= centralised - 0.02, (label, acc, centralised)
+
+
+def test_rescale_between_rounds_keeps_the_reference(run, two_partner_data, tmp_path):
+    # Decisions apply between calls, and under local SGD calls end on round boundaries: a
+    # newcomer gets the fused model, and what is learned does not change.
+    from raysys.control.decisions import Scale
+
+    spec = local_sgd(make_spec(two_partner_data, tmp_path, steps=40, alpha_workers=1),
+                     local_steps=3, server_optimizer="fedadam")
+    spec["partners"][0]["workers"]["spares"] = 1
+    controller, done = run(spec)
+    wait_for(controller, lambda p: p["step"] >= 6)
+    ray.get(controller.submit.remote(Scale("alpha", +1)))
+    last = wait_for(controller, lambda p: p["workers"]["alpha"] == 2 or p["state"] == "finished")
+    assert last["step"] < 40, "the job ended before the rescale took effect"
+    params = final_parameters(controller, done)
+    assert max_relative_difference(params, local_sgd_reference(spec)) <= TOLERANCE
