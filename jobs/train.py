@@ -22,11 +22,13 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--summary", default=None)
+    parser.add_argument("--run-dir", default=None,
+                        help="spec.json, events.jsonl, summary.json (default runs/<job>-<time>/)")
     args = parser.parse_args()
     try:
         spec = load_spec(args.config)
         ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
-        run_job(spec, resume=args.resume, summary_path=args.summary)
+        run_job(spec, resume=args.resume, summary_path=args.summary, run_dir=args.run_dir)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

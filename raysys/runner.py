@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -77,9 +78,17 @@ def connect(spec: JobSpec, address: str | None) -> LocalCluster | None:
     return local
 
 
+def default_run_dir(spec: JobSpec) -> Path:
+    return Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
-            summary_path: str | None = None) -> dict:
-    """Validate against the live cluster, start the controller, stream progress, return summary."""
+            summary_path: str | None = None, run_dir: str | Path | None = None) -> dict:
+    """Validate against the live cluster, start the controller, stream progress, return summary.
+
+    The run directory (default runs/<job>-<time>/) gets spec.json, events.jsonl (written as
+    events happen, so a crashed run keeps what it did) and summary.json: what `raysys report`
+    reads."""
     from raysys.control.controller import RemoteJobController
 
     check_against_cluster(spec, ray.nodes())
@@ -88,6 +97,7 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
         spec.model_dump(), resume
     )
     done = controller.run.remote()
+    record = _RunDirectory(Path(run_dir) if run_dir else default_run_dir(spec), spec)
     agent = None
     if spec.agent.policy != "static":  # static never acts: no agent process needed
         from raysys.agent.actor import RemoteAgentActor
@@ -106,6 +116,7 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
         if progress:
             live.update(progress)
             since = progress["next_event"]
+        record.pull(controller)
         if ready:
             break
     live.close()
@@ -124,12 +135,39 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
     if agent is not None:
         summary["agent"] = agent_status
         ray.kill(agent)
+    record.finish(summary)
     if summary_path:
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
     if not quiet:
         print_summary(summary)
+        console.print(f"run directory: {record.path} (raysys report {record.path})")
     return summary
+
+
+class _RunDirectory:
+    """spec.json, events.jsonl (appended as the controller records events) and summary.json."""
+
+    def __init__(self, path: Path, spec: JobSpec) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        self._events = open(path / "events.jsonl", "a")  # noqa: SIM115 (open for the run)
+        self._n = 0
+
+    def pull(self, controller) -> None:
+        try:
+            new = ray.get(controller.records.remote(self._n), timeout=5)
+        except Exception:  # the controller ended: the final summary still arrives via run()
+            return
+        for event in new:
+            self._events.write(json.dumps(event) + "\n")
+        self._events.flush()
+        self._n += len(new)
+
+    def finish(self, summary: dict) -> None:
+        self._events.close()
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _wait_until_name_free(name: str, timeout_s: float = 15.0) -> None:
