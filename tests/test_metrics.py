@@ -2,33 +2,38 @@
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import ray
 from conftest import make_spec
 from test_elastic import wait_for
 
+from raysys.agent.actor import RemoteAgentActor
 from raysys.control.controller import RemoteJobController
 from raysys.control.decisions import Scale
 
-EXPECTED = [
-    "ray_raysys_step_time_seconds_bucket",
-    "ray_raysys_worker_samples_per_second",
-    "ray_raysys_loss",
-    "ray_raysys_job_samples_per_second",
-    "ray_raysys_workers",
-    "ray_raysys_rescales_total",
-    "ray_raysys_rescale_seconds_bucket",
-    "ray_raysys_worker_failures_total",
-    # the contribution ledger (epsilon only for DP partners: alpha below)
-    "ray_raysys_partner_samples",
-    "ray_raysys_partner_compute_seconds",
-    "ray_raysys_partner_bytes_sent",
-    "ray_raysys_partner_bytes_within",
-    "ray_raysys_partner_skipped_steps",
-    "ray_raysys_partner_epsilon",
-]
+DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+
+
+def documented_series() -> list[str]:
+    """The `exported as` column of docs/metrics.md's reference table."""
+    series = []
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[1].startswith("`ray_raysys_"):
+            series.append(cells[1].strip("`"))
+    return series
+
+
+def test_the_metrics_doc_lists_every_metric_the_code_defines():
+    from raysys.control import metrics
+
+    defined = set(re.findall(r'"(raysys_[a-z_]+)"', Path(metrics.__file__).read_text()))
+    documented = {s.removeprefix("ray_").removesuffix("_bucket") for s in documented_series()}
+    assert defined == documented, (defined ^ documented)
 
 
 def scrape_all_nodes() -> str:
@@ -51,8 +56,13 @@ def test_training_metrics_reach_the_metrics_endpoint(ray_cluster, two_partner_da
     spec["partners"][0]["workers"]["spares"] = 1
     spec["partners"][0]["privacy"] = {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
     spec["name"] = "metrics"
+    # An agent whose RL checkpoint is missing: it falls back to static (counted) and goes on
+    # deciding (timed and counted), so the agent's metrics are exported too.
+    spec["agent"] = {"policy": "rl", "checkpoint": str(tmp_path / "missing"), "interval_s": 1}
+    expected = documented_series()
     controller = RemoteJobController.remote(spec)
     done = controller.run.remote()
+    agent = RemoteAgentActor.remote(controller, spec)
     try:
         wait_for(controller, lambda p: p["step"] >= 3)
         ray.get(controller.submit.remote(Scale("alpha", +1)))
@@ -60,14 +70,16 @@ def test_training_metrics_reach_the_metrics_endpoint(ray_cluster, two_partner_da
         ray.kill(ray.get_actor("raysys:metrics:beta:1"))
         wait_for(controller, lambda p: p["workers"]["beta"] == 1)
         deadline = time.time() + 60  # Ray exports every ~10 s
-        missing = EXPECTED
+        missing = expected
         while time.time() < deadline and missing:
             text = scrape_all_nodes()
-            missing = [m for m in EXPECTED if m not in text]
+            missing = [m for m in expected if m not in text]
             time.sleep(2)
         ray.get(controller.stop.remote())
         ray.get(done)
     finally:
+        ray.kill(agent)
         ray.kill(controller)
+    assert len(expected) >= 18
     assert not missing, f"not exported: {missing}"
     assert 'job="metrics"' in text and 'partner="alpha"' in text

@@ -61,15 +61,18 @@ class _Metrics:
     @cached_property
     def RESCALES(self):
         return self._m.Counter(
-            "raysys_rescales_total", "Group changes (scale, replace, rebalance, recovery).",
+            "raysys_rescales_total", "Re-formations of the worker group (scale_up, "
+            "scale_down, replace, recovery; changes applied together count once, kinds "
+            "joined by '+'). A rebalance does not re-form the group and is not counted.",
             tag_keys=("job", "kind"),
         )
 
     @cached_property
     def RESCALE_SECONDS(self):
         return self._m.Histogram(
-            "raysys_rescale_seconds", "Time from a decision to the group being ready at its new "
-            "size.", boundaries=_RESCALE_BOUNDS, tag_keys=("job", "kind"),
+            "raysys_rescale_seconds", "Time from a decision to the first step completed at "
+            "the new size (rebalances included).", boundaries=_RESCALE_BOUNDS,
+            tag_keys=("job", "kind"),
         )
 
     @cached_property
