@@ -21,7 +21,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.config)  # before Ray starts: a bad spec costs nothing
     local = connect(spec, args.address)
     try:
-        run_job(spec, resume=args.resume, quiet=args.quiet, summary_path=args.summary)
+        run_job(spec, resume=args.resume, quiet=args.quiet, summary_path=args.summary,
+                run_dir=args.run_dir)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -32,6 +33,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if local is not None:
             local.shutdown()
     return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from raysys.submit import submit, wait
+
+    try:
+        client, job_id = submit(args.config, args.address, args.working_dir, args.job_id)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(job_id)
+    if not args.wait:
+        return 0
+    status = wait(client, job_id, args.timeout)
+    print(client.get_job_logs(job_id), end="")
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -132,6 +150,22 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from raysys.report import ReportError, RunDirError, write_report
+
+    try:
+        paths = write_report(args.run_dir)
+    except RunDirError as exc:  # no such run directory, or no events.jsonl in it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ReportError as exc:  # a malformed record: names the file and line
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysys", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -145,8 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ray cluster address (default: RAY_ADDRESS, else a local cluster with "
                           "one labelled node per partner placement)")
     run.add_argument("--summary", default=None, help="also write the summary as JSON here")
+    run.add_argument("--run-dir", default=None,
+                     help="where spec.json, events.jsonl and summary.json go "
+                          "(default runs/<job>-<time>/; `raysys report` reads it)")
     run.add_argument("--quiet", action="store_true", help="print no progress or summary")
     run.set_defaults(func=_cmd_run)
+
+    submit = sub.add_parser("submit", help="submit a job spec to a cluster through Ray's Jobs "
+                                           "API (jobs/train.py); prints the job id")
+    submit.add_argument("config", help="job spec inside the working directory")
+    submit.add_argument("--address", default=None,
+                        help="dashboard address (default $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS "
+                             "or http://127.0.0.1:8265)")
+    submit.add_argument("--working-dir", default=".",
+                        help="uploaded to the cluster (default: here; .venv, runs, checkpoints "
+                             "and .git are left out)")
+    submit.add_argument("--job-id", default=None, help="submission id (default: Ray's)")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the job, print its logs; exit 1 unless it SUCCEEDED")
+    submit.add_argument("--timeout", type=float, default=None, help="with --wait: seconds")
+    submit.set_defaults(func=_cmd_submit)
 
     prof = sub.add_parser("profile", help="measure step time by workers and local batch "
                                            "(Pollux placements.csv format) for the simulator")
@@ -191,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_data_demo)
+
+    report = sub.add_parser("report", help="write RUN_DIR/report.html with PNG plots (throughput, "
+                                           "workers, loss, contribution, epsilon) from its "
+                                           "events.jsonl and summary.json")
+    report.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a run directory written by `raysys run` (holds events.jsonl)")
+    report.set_defaults(func=_cmd_report)
 
     try:
         from raysys.agent.cli import add_agent_parser

@@ -172,6 +172,9 @@ class AgentSpec(_Strict):
     max_actions_per_minute: int = Field(4, ge=1)
     # The objective's lambda: what one worker-second costs against one second of waiting.
     cost_per_worker_second: float = Field(0.0, ge=0)
+    # The cluster has a Ray autoscaler: capacity up to workers.max counts as available, and is
+    # requested with request_resources when used (raysys/control/autoscale.py).
+    autoscale: bool = False
 
 
 class AggregationSpec(_Strict):

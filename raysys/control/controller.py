@@ -24,8 +24,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raysys.control import metrics
-from raysys.control.decisions import Decision
-from raysys.control.events import Progress, RescaleEvent
+from raysys.control.autoscale import CapacityRequest, virtual_nodes
+from raysys.control.decisions import Decision, Noop, describe
+from raysys.control.events import Progress, RescaleEvent, RunRecord
 from raysys.control.executor import DecisionExecutor
 from raysys.control.ledger import Ledger
 from raysys.control.privacy import PartnerPrivacy
@@ -84,6 +85,7 @@ class JobController:
         self.log_lines: deque[tuple[int, str]] = deque(maxlen=500)
         self.n_logged = 0
         self.t_start = time.time()
+        self.record = RunRecord(self.t_start)  # events.jsonl, see RunRecord
         self.error: str | None = None
         self.final_state: dict | None = None
         self.resumed_from: int | None = None
@@ -97,6 +99,7 @@ class JobController:
         self.ckpt = CheckpointStore(self.spec.checkpoint.storage_path, self.spec.name,
                                     self.spec.checkpoint.keep)
         self._tags = {"job": self.spec.name}
+        self.capacity = CapacityRequest(self.spec) if self.spec.agent.autoscale else None
 
     # -- public API (called from the driver, the agent, tests) --------------------------------
     def run(self) -> dict:
@@ -111,6 +114,9 @@ class JobController:
             self._set_state(JobState.FAILED)
             self.group.shutdown()
             raise
+        finally:
+            if self.capacity is not None:
+                self.capacity.release()  # the autoscaler may scale idle nodes down again
 
     def submit(self, decision: Decision) -> None:
         # Stamped now: a rescale's latency counts from here, including the wait for the chunk
@@ -159,6 +165,8 @@ class JobController:
                           float(n["Resources"].get("CPU", 0.0)),
                           float(free.get(n["NodeID"], {}).get("CPU", 0.0)))
                  for n in ray.nodes() if n["Alive"]]
+        if s.agent.autoscale:
+            nodes += virtual_nodes(s, self._live_by_partner())
         last = self.rescales[-1] if self.rescales else None
         return Snapshot(
             time_s=now - self.t_start, step=self.step,
@@ -182,6 +190,10 @@ class JobController:
     def step_timings(self) -> list[tuple[int, float, float]]:
         """(step, step time, sync time) of recent steps, as `raysys profile` records them."""
         return list(self.step_log)
+
+    def records(self, since: int = 0) -> list[dict]:
+        """Structured events from number `since` on (what the driver writes to events.jsonl)."""
+        return self.record.since(since)
 
     def evaluations(self) -> list[dict]:
         """Periodic held-out evaluations: step, job time when it started, its own duration
@@ -208,6 +220,7 @@ class JobController:
                 self.group.start(p, MemberState.ACTIVE)
             for _ in range(p.workers.spares):
                 self.group.start(p, MemberState.SPARE)
+        self._sync_capacity()  # with an autoscaler, nodes for the initial workers are requested
         infos = self._load_all()
         schemas, summaries = {}, {}
         for info in infos:
@@ -244,6 +257,9 @@ class JobController:
         self._t_first_step = time.time() - self.t_start
         self._set_state(JobState.RUNNING)
         self._log(f"started {self._describe_counts()}; batch per step {self.batch_sizes}")
+        self.record.add("start", self.step, job=self.spec.name, steps=self.spec.steps,
+                        partners=self.group.counts(), batch_per_step=self.batch_sizes,
+                        aggregation=self.spec.aggregation.mode)
 
     def _load_all(self) -> list:
         """Wait for every worker's data; a partner's bad data stops the job before step 1."""
@@ -288,6 +304,7 @@ class JobController:
         while self.step < self.spec.steps and not self._stop.is_set():
             self._inject_chaos()
             self._apply_changes()
+            self._sync_capacity()
             n = self._chunk_size()
             t_chunk = time.time()
             reports, lost = self._run_chunk(n)
@@ -308,9 +325,11 @@ class JobController:
             if c.kill:
                 ray.kill(m.actor, no_restart=True)
                 self._log(f"chaos: killed {c.worker} at step {self.step}")
+                self.record.add("chaos", self.step, worker=c.worker, fault="kill")
             else:
                 ray.get(m.actor.set_slowdown.remote(c.slow))
                 self._log(f"chaos: {c.worker} computes {c.slow:g}x slower from step {self.step}")
+                self.record.add("chaos", self.step, worker=c.worker, fault=f"slow {c.slow:g}x")
 
     def _chunk_size(self) -> int:
         rt = self.spec.runtime
@@ -413,6 +432,13 @@ class JobController:
                               self._throughput()))
         metrics.JOB_STEP.set(self.step, tags=self._tags)
         metrics.JOB_SAMPLES_PER_S.set(self._throughput(), tags=self._tags)
+        if advanced:
+            self.record.add(
+                "progress", self.step, workers=counts, samples_per_s=self._throughput(),
+                loss=float(np.nanmean(step_losses)) if np.isfinite(step_losses).any()
+                else None,
+                epsilon={p: e.epsilon for p, e in self.ledger.partners.items()
+                         if e.epsilon is not None})
         if advanced and self.step % self.spec.runtime.log_every_steps < advanced:
             self._log(f"step {self.step}/{self.spec.steps} loss {self.losses[-1]:.4f} "
                       f"{self._throughput():.0f} samples/s {self._describe_counts()}")
@@ -446,6 +472,7 @@ class JobController:
             self.group.mark_dead(member_id)
             partner = self.group.members[member_id].partner
             self.ledger.record_failure(partner)
+            self.record.add("failure", self.step, worker=member_id)
             self._log(f"worker {member_id} died at step {self.step}")
         for p in self.spec.partners:  # a warm spare takes a lost worker's place at once
             missing = p.workers.min - len(self.group.active(p.name))
@@ -480,6 +507,8 @@ class JobController:
         for e in self._open_events:
             e.t_first_step = t_first_step
             metrics.RESCALE_SECONDS.observe(e.latency_s, tags={**self._tags, "kind": e.kind})
+            self.record.add("rescale", self.step, kind=e.kind, detail=e.detail,
+                            latency_s=e.latency_s)
             self._log(f"{e.kind} ({e.detail}) took {e.latency_s:.2f} s to the first step")
         self._open_events.clear()
 
@@ -493,7 +522,10 @@ class JobController:
                     self.group.retire(m.replaces)
                 changed.append(self.executor.joined(m))
         while not self.decisions.empty():
-            event = self.executor.apply(*self.decisions.get())
+            submitted, decision = self.decisions.get()
+            if not isinstance(decision, Noop):
+                self.record.add("decision", self.step, decision=describe(decision))
+            event = self.executor.apply(submitted, decision)
             if event is not None:
                 changed.append(event)
         structural = [e for e in changed if e.kind != "rebalance"]
@@ -530,6 +562,7 @@ class JobController:
             counters=self.ledger.to_dict(),
         ))
         self._log(f"checkpoint {path}")
+        self.record.add("checkpoint", self.step, path=str(path))
 
     def _maybe_evaluate(self) -> dict | None:
         ev = self.spec.evaluation
@@ -541,6 +574,7 @@ class JobController:
         result = self._evaluate()
         self.evaluation_log.append({"step": self.step, "t": t0 - self.t_start,
                                     "seconds": time.time() - t0, **result})
+        self.record.add("evaluation", self.step, seconds=time.time() - t0, **result)
         self._log(f"eval at step {self.step}: loss {result['loss']:.4f} "
                   f"accuracy {result['accuracy']:.3f}")
         return result
@@ -570,6 +604,7 @@ class JobController:
             "samples_per_s": self._throughput(), "data_warnings": self.data_warnings,
         }
         self.group.shutdown()
+        self.record.add("finish", self.step, summary=summary)
         return summary
 
     # -- helpers -----------------------------------------------------------------------------
@@ -603,6 +638,18 @@ class JobController:
     def _export_worker_counts(self) -> None:
         for partner, n in self.group.counts().items():
             metrics.WORKERS.set(n, tags={**self._tags, "partner": partner})
+
+    def _live_by_partner(self) -> dict[str, int]:
+        """Workers that hold or will hold CPUs: starting, spare or active."""
+        live: dict[str, int] = {}
+        for m in self.group.members.values():
+            if m.state.alive:
+                live[m.partner] = live.get(m.partner, 0) + 1
+        return live
+
+    def _sync_capacity(self) -> None:
+        if self.capacity is not None:
+            self.capacity.sync(self._live_by_partner())
 
 
 class OnCreatorNode:
