@@ -65,7 +65,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     local = connect(spec, args.address)
     try:
         check_against_cluster(spec, ray.nodes())
-        path = profile(spec, counts, batches, args.steps, args.warmup, args.out)
+        from raysys.progress import progress
+
+        with progress("profile", len(counts) * len(batches)) as report:
+            path = profile(spec, counts, batches, args.steps, args.warmup, args.out, report)
         print(f"wrote {path}; fit it with: raysys agent fit {path}")
     finally:
         ray.shutdown()

@@ -23,6 +23,7 @@ from raysys.spec import load_spec
 EXCLUDES = [".venv", ".venv-*", ".git", "runs", "checkpoints", "**/__pycache__",
             ".pytest_cache", ".ruff_cache", "bench/results"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 90  # how long a fresh cluster may take to accept jobs
 
 
 def dashboard_address(address: str | None) -> str:
@@ -46,14 +47,23 @@ def submit(config: str, address: str | None = None, working_dir: str = ".",
         raise ValueError(f"{config}: the config must lie inside the working directory {root}, "
                          "which is what the cluster receives") from None
     client = JobSubmissionClient(dashboard_address(address))
-    submission_id = client.submit_job(
-        entrypoint=f"python jobs/train.py --config {rel.as_posix()}",
-        submission_id=job_id,
-        runtime_env={"working_dir": str(root), "excludes": EXCLUDES,
-                     "env_vars": {"OMP_NUM_THREADS": "1"}},
-        metadata={"raysys_job": spec.name},
-    )
-    return client, submission_id
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            submission_id = client.submit_job(
+                entrypoint=f"python jobs/train.py --config {rel.as_posix()}",
+                submission_id=job_id,
+                runtime_env={"working_dir": str(root), "excludes": EXCLUDES,
+                             "env_vars": {"OMP_NUM_THREADS": "1"}},
+                metadata={"raysys_job": spec.name},
+            )
+            return client, submission_id
+        except RuntimeError as exc:
+            # Right after `ray start` the dashboard answers before a node's job agent has
+            # registered; Ray says "try again later", so we do, for a while.
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait(client, submission_id: str, timeout_s: float | None = None,

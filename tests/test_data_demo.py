@@ -131,3 +131,14 @@ def test_describe_split_lists_rows_and_class_counts(split):
 def test_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         write_digits_demo(tmp_path, **kwargs)
+
+
+def test_the_cli_writes_the_demo_split(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "raysys.cli", "data", "demo", "--out",
+                          str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "alpha.parquet", "beta.parquet", "gamma.parquet", "test.parquet"]

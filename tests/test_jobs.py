@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -51,11 +52,11 @@ def head(tmp_path_factory):
     from ray.job_submission import JobSubmissionClient
 
     headers = {"Authorization": f"Bearer {token}"}
-    deadline = time.time() + 120
-    while True:
+    deadline = time.time() + 180
+    while True:  # up when a first job can be submitted (the head's job agent has registered)
         try:
             client = JobSubmissionClient(address, headers=headers)
-            client.list_jobs()
+            client.submit_job(entrypoint="true")
             break
         except Exception:
             if time.time() > deadline or proc.poll() is not None:
@@ -67,7 +68,8 @@ def head(tmp_path_factory):
     (work / "data").mkdir()
     for i, name in enumerate(("alpha", "beta")):
         write_table(work / "data" / f"{name}.parquet", 80, 8, 3, seed=i)
-    yield {"address": address, "env": env, "client": client, "work": work, "token": token}
+    yield {"address": address, "env": env, "client": client, "work": work, "token": token,
+           "gcs": f"127.0.0.1:{gcs}"}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=15)
@@ -140,11 +142,16 @@ def test_broken_config_fails_with_the_validation_message(head):
     # `raysys submit` validates first and refuses it without touching the cluster ...
     refused = raysys_submit(head, "broken.yaml")
     assert refused.returncode == 2 and "global_batch_size" in refused.stderr
-    # ... so submit it the raw way: the job's driver refuses it, and the job FAILED says why.
+    # ... so submit it the raw way, with `ray job submit` as the README shows: the job's driver
+    # refuses it, and the job FAILED says why.
+    raw = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir",
+         str(work), "--no-wait", "--", "python", "jobs/train.py", "--config", "broken.yaml"],
+        env=head["env"], capture_output=True, text=True, timeout=120, cwd=work)
+    assert raw.returncode == 0, raw.stdout + raw.stderr
+    job_id = re.search(r"Job '([^']+)' submitted", raw.stdout + raw.stderr).group(1)
     client = JobSubmissionClient(head["address"],
                                  headers={"Authorization": f"Bearer {head['token']}"})
-    job_id = client.submit_job(entrypoint="python jobs/train.py --config broken.yaml",
-                               runtime_env={"working_dir": str(work)})
     assert wait_status(client, job_id) == "FAILED"
     logs = client.get_job_logs(job_id)
     assert "global_batch_size" in logs and "greater than or equal to 1" in logs
@@ -161,6 +168,11 @@ def test_two_jobs_at_once_and_ray_job_stop_leaves_nothing_behind(head):
     assert "raysys job 'short' finished" in logs and "raysys:long" not in logs
     alive = _alive_raysys_actors(head)
     assert any(a.startswith("raysys:long:") for a in alive), alive
+    # `raysys status` from another client, through the token-authenticated GCS.
+    status = subprocess.run([str(BIN / "raysys"), "status", "long", "--address", head["gcs"]],
+                            env=head["env"], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "alpha" in status.stdout and "beta" in status.stdout
     assert not any(a.startswith("raysys:short:") for a in alive), alive
 
     client.stop_job(long_id)

@@ -219,8 +219,12 @@ def cmd_train_rl(args: argparse.Namespace) -> int:
         prior=None if args.prior.lower() == "none" else args.prior,
         eval_seeds=args.eval_seeds,
     )
+    from raysys.progress import progress
+
     try:
-        result = train(cfg, command=training_command())
+        # The bar follows the PPO time budget; each iteration's line is printed above it.
+        with progress("agent train", cfg.minutes * 60, by_time=True) as report:
+            result = train(cfg, log=report, command=training_command())
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -100,9 +100,14 @@ def format_ledger(ledger: Mapping[str, Mapping]) -> list[tuple[str, str]]:
         rows.append((name, (
             f"{e['samples']:,} samples, {e['steps_participated']} steps "
             f"({e['skipped_steps']} skipped), {e['compute_s']:.1f} compute-s, "
-            f"{_human_bytes(e['bytes_exchanged'])} sent{_local_bytes(e)}, "
+            f"{_human_bytes(e['bytes_exchanged'])} sent{_per_step(e)}{_local_bytes(e)}, "
             f"{e['failures']} failures{eps}")))
     return rows
+
+
+def _per_step(e: Mapping) -> str:
+    steps = e.get("steps_participated") or 0
+    return f" ({_human_bytes(e['bytes_exchanged'] / steps)}/step)" if steps else ""
 
 
 def _local_bytes(e: Mapping) -> str:
