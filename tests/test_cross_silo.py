@@ -116,7 +116,7 @@ def test_non_iid_partners_reach_centralised_accuracy(run, tmp_path):
 
     names = ["p0", "p1", "p2", "p3"]
     paths = write_digits_demo(tmp_path / "digits", names, alpha=0.1, seed=0)
-    steps, batch = 1500, 64
+    steps, batch = 1000, 64
     spec = {
         "name": "noniid", "model": {"name": "mlp", "kwargs": {"hidden": [128, 64]}},
         "optimizer": {"name": "sgd", "lr": 0.1}, "global_batch_size": batch, "steps": steps,

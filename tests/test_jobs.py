@@ -46,7 +46,11 @@ def head(tmp_path_factory):
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
          "--num-cpus=4", f"--metrics-export-port={metrics}", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}",
+         # Ports that default to fixed numbers and that the session cluster's head (same host)
+         # already holds: without these the head's job agent never comes up.
+         f"--dashboard-agent-listen-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
@@ -72,7 +76,7 @@ def head(tmp_path_factory):
            "gcs": f"127.0.0.1:{gcs}"}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=15)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=15)
@@ -121,17 +125,6 @@ def test_the_cluster_refuses_clients_without_the_token(head):
                             ).list_jobs()
 
 
-def test_submitted_job_succeeds_and_its_logs_carry_the_summary(head):
-    config = write_config(head["work"], "sub-ok", steps=20)
-    done = raysys_submit(head, config, "--wait", "--timeout", "240")
-    assert done.returncode == 0, done.stdout + done.stderr
-    job_id = done.stdout.splitlines()[0].strip()
-    assert str(head["client"].get_job_status(job_id).value) == "SUCCEEDED"
-    logs = head["client"].get_job_logs(job_id)
-    assert "raysys job 'sub-ok' finished" in logs
-    assert "partner alpha" in logs and "steps" in logs
-
-
 def test_broken_config_fails_with_the_validation_message(head):
     from ray.job_submission import JobSubmissionClient
 
@@ -158,14 +151,22 @@ def test_broken_config_fails_with_the_validation_message(head):
 
 
 def test_two_jobs_at_once_and_ray_job_stop_leaves_nothing_behind(head):
+    """A long job runs while `raysys submit --wait` runs a short one to the end beside it: the
+    short one SUCCEEDS with its summary in its logs, the long one goes on undisturbed, and
+    `ray job stop` then leaves no actor or placement group of either behind."""
     client = head["client"]
     long_id = raysys_submit(head, write_config(head["work"], "long", steps=100_000)
                             ).stdout.strip()
-    short_id = raysys_submit(head, write_config(head["work"], "short", steps=40)).stdout.strip()
-    assert wait_status(client, short_id) == "SUCCEEDED"
+    short = raysys_submit(head, write_config(head["work"], "short", steps=40), "--wait",
+                          "--timeout", "240")
+    assert short.returncode == 0, short.stdout + short.stderr
+    short_id = short.stdout.splitlines()[0].strip()
+    assert str(client.get_job_status(short_id).value) == "SUCCEEDED"
     assert str(client.get_job_status(long_id).value) == "RUNNING"  # undisturbed by the other
     logs = client.get_job_logs(short_id)
     assert "raysys job 'short' finished" in logs and "raysys:long" not in logs
+    assert "partner alpha" in logs and "partner beta" in logs  # the summary's ledger rows
+    assert logs in short.stdout  # --wait printed them
     alive = _alive_raysys_actors(head)
     assert any(a.startswith("raysys:long:") for a in alive), alive
     # `raysys status` from another client, through the token-authenticated GCS.
