@@ -5,7 +5,9 @@ The spec is validated here first, so a bad file costs no cluster time; the job's
 jobs/train.py, which validates again against the live cluster (placement labels) and streams
 the same progress and summary as `raysys run` into the job's logs. The working directory (the
 repository by default) is uploaded to the cluster, minus virtual environments, run outputs and
-checkpoints, so relative data paths and jobs/train.py resolve there as they do here.
+checkpoints, so relative paths and jobs/train.py resolve there as they do here. Ray honours
+.gitignore in the upload, so the repository's data/ does not travel: partner data belongs on the
+partner's own nodes (`data.on_partner_nodes: true`, docs/deploy.md), never in an upload to the head.
 
 Token authentication (on by default for new local clusters in Ray 2.60) is Ray's business: the
 client reads RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token when RAY_AUTH_MODE=token.
