@@ -42,6 +42,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Gloo:
+    """One gloo process group with the collective timeout: in-place sums that turn a failure
+    into a CollectiveError. None of it exists for a group of one."""
+
+    def __init__(self, generation: int, rank: int, world: int, store: dist.Store,
+                 timeout: timedelta, what: str) -> None:
+        self.generation, self.rank, self.world, self.timeout = generation, rank, world, timeout
+        self.pg = None
+        if world > 1:
+            try:
+                self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
+            except RuntimeError as exc:
+                raise CollectiveError(f"generation {generation}: {what} rendezvous of rank "
+                                      f"{rank}/{world} failed: {exc}") from exc
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        """One batch of async all-reduce ops, each with the collective timeout."""
+        try:
+            works = [self.pg.allreduce([t]) for t in tensors]
+            for w in works:
+                w.wait(self.timeout)
+        except RuntimeError as exc:
+            raise CollectiveError(
+                f"generation {self.generation}: all-reduce failed on rank {self.rank}: {exc}"
+            ) from exc
+
+    def bytes_sent(self, payload: int) -> int:
+        """What a ring all-reduce of `payload` bytes sends from one rank: 2 (n-1)/n of it."""
+        return int(2 * (self.world - 1) / self.world * payload)
+
+
 class GenerationGroup:
     """This worker's membership in one generation: rank, world size and the gloo group; under
     local SGD also a group of its own partner's workers (ranks of one partner are contiguous)."""
@@ -51,103 +82,67 @@ class GenerationGroup:
                  partner_group: bool = False, cross_partner_delay_s: float = 0.0) -> None:
         """`partners` is the partner of every rank. `secure` turns on secure aggregation for
         the global group: keys are agreed here, once per generation, so every generation masks
-        with fresh ones. `partner_group` also forms the partner-local group (local_sgd).
-        `cross_partner_delay_s` (testing aid) delays every global all-reduce that spans
-        partners, emulating a slow inter-site link."""
+        with fresh ones. `partner_group` also forms the partner-local group (local_sgd): plain
+        float sums, no delay (one site), no masks (one data owner). `cross_partner_delay_s`
+        (testing aid) delays every global all-reduce that spans partners, emulating a slow
+        inter-site link."""
         if (secure or partner_group) and (partners is None or len(partners) != world):
             raise ValueError("secure aggregation and partner groups need the partner of every rank")
         self.generation = generation
         self.rank = rank
         self.world = world
-        self.timeout = timedelta(seconds=timeout_s)
-        self._pg = None
+        timeout = timedelta(seconds=timeout_s)
+        self._global: _Gloo | None = None
+        self._local: _Gloo | None = None
         self._secure = None
-        self._local: GenerationGroup | None = None
         spans_partners = partners is None or len(set(partners)) > 1
         self._delay_s = cross_partner_delay_s if spans_partners else 0.0
-        if world > 1:
-            try:
-                client = dist.TCPStore(
-                    store_host, store_port, is_master=False, timeout=self.timeout
-                )
-                store = dist.PrefixStore(f"gen-{generation}/", client)
-                self._pg = dist.ProcessGroupGloo(store, rank, world, self.timeout)
-            except RuntimeError as exc:
-                raise CollectiveError(
-                    f"generation {generation}: rendezvous of rank {rank}/{world} failed: {exc}"
-                ) from exc
-            if secure:
-                from raysys.privacy.secagg import SecureAggregator
+        if world == 1:
+            return
+        try:
+            client = dist.TCPStore(store_host, store_port, is_master=False, timeout=timeout)
+        except RuntimeError as exc:
+            raise CollectiveError(
+                f"generation {generation}: rendezvous of rank {rank}/{world} failed: {exc}"
+            ) from exc
+        store = dist.PrefixStore(f"gen-{generation}/", client)
+        self._global = _Gloo(generation, rank, world, store, timeout, "job-wide")
+        if secure:
+            from raysys.privacy.secagg import SecureAggregator
 
-                agg = SecureAggregator()
-                agg.setup(store, rank, partners, generation, timeout_s)
-                self._secure = agg if agg.masking else None  # one partner: nothing to hide
-            if partner_group:
-                mine = [r for r, p in enumerate(partners) if p == partners[rank]]
-                self._local = _LocalGroup(generation, mine.index(rank), len(mine), client,
-                                          f"gen-{generation}/partner-{partners[rank]}/",
-                                          self.timeout)
+            agg = SecureAggregator()
+            agg.setup(store, rank, partners, generation, timeout_s)
+            self._secure = agg if agg.masking else None  # one partner: nothing to hide
+        if partner_group:
+            mine = [r for r, p in enumerate(partners) if p == partners[rank]]
+            local_store = dist.PrefixStore(f"gen-{generation}/partner-{partners[rank]}/", client)
+            self._local = _Gloo(generation, mine.index(rank), len(mine), local_store, timeout,
+                                "partner")
 
     def all_reduce_sum(self, buckets: list[torch.Tensor], step: int = 0) -> int:
         """Sum each flat bucket across the generation, in place: plainly, or under secure
         aggregation as masked fixed-point integers (`step` picks the masks). Returns the bytes
         this worker sent, as a ring all-reduce sends them: 2 (n-1)/n of the payload on the wire
         (for the contribution ledger)."""
-        if self._pg is None:
+        if self._global is None:
             return 0
         if self._delay_s:
             time.sleep(self._delay_s)
         if self._secure is not None:
-            self._secure.all_reduce_sum(self._all_reduce, buckets, step)
+            self._secure.all_reduce_sum(self._global.all_reduce, buckets, step)
             payload = sum(b.numel() for b in buckets) * 8  # int64 ring elements on the wire
         else:
-            self._all_reduce(buckets)
+            self._global.all_reduce(buckets)
             payload = sum(b.numel() * b.element_size() for b in buckets)
-        return int(2 * (self.world - 1) / self.world * payload)
+        return self._global.bytes_sent(payload)
 
     def partner_all_reduce_sum(self, buckets: list[torch.Tensor]) -> int:
         """Sum across this worker's own partner only (local SGD steps); returns bytes sent."""
-        if self._local is None:
+        if self._local is None or self._local.pg is None:
             return 0
-        return self._local.all_reduce_sum(buckets)
-
-    def _all_reduce(self, tensors: list[torch.Tensor]) -> None:
-        """One batch of async all-reduce ops, each with the collective timeout."""
-        try:
-            works = [self._pg.allreduce([t]) for t in tensors]
-            for w in works:
-                w.wait(self.timeout)
-        except RuntimeError as exc:
-            raise CollectiveError(
-                f"generation {self.generation}: all-reduce failed on rank {self.rank}: {exc}"
-            ) from exc
+        self._local.all_reduce(buckets)
+        return self._local.bytes_sent(sum(b.numel() * b.element_size() for b in buckets))
 
     def close(self) -> None:
-        self._pg = None
-        if self._local is not None:
-            self._local.close()
-            self._local = None
-
-
-class _LocalGroup(GenerationGroup):
-    """The workers of one partner within a generation: plain float all-reduce, no delay (they
-    share a site), no masks (they share a data owner)."""
-
-    def __init__(self, generation: int, rank: int, world: int, client: dist.Store, prefix: str,
-                 timeout: timedelta) -> None:
-        self.generation = generation
-        self.rank = rank
-        self.world = world
-        self.timeout = timeout
-        self._pg = None
-        self._secure = None
+        self._global = None
         self._local = None
-        self._delay_s = 0.0
-        if world > 1:
-            try:
-                self._pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, client), rank, world,
-                                                 timeout)
-            except RuntimeError as exc:
-                raise CollectiveError(
-                    f"generation {generation}: partner rendezvous of rank {rank}/{world} "
-                    f"failed: {exc}") from exc
