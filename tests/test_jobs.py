@@ -65,6 +65,8 @@ def head(tmp_path_factory):
         except Exception:
             if time.time() > deadline or proc.poll() is not None:
                 os.killpg(proc.pid, signal.SIGKILL)
+                subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+                shutil.rmtree(temp_dir, ignore_errors=True)
                 raise
             time.sleep(1)
     work = tmp_path_factory.mktemp("jobdir")
