@@ -1,87 +1,30 @@
 """`raysys agent ...`: evaluate policies, fit step-time profiles, train TabularQ and the RL policy,
 check scenarios.
 
-raysys/cli.py adds these with add_agent_parser(subparsers); every subcommand sets `func`, which
-returns the exit code. `python -m raysys.agent.cli agent ...` runs them stand-alone.
+raysys/cli.py mounts `app` as `raysys agent`; `main(["agent", ...])` and
+`python -m raysys.agent.cli agent ...` run the same commands, with the same exit statuses.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
 
 from raysys.yamlio import ConfigError
 
 DEFAULT_POLICIES = "static,threshold,goodput"
 
+app = typer.Typer(help="simulator, baselines and evaluation")
 
-def add_agent_parser(subparsers: argparse._SubParsersAction) -> None:
-    agent = subparsers.add_parser("agent", help="simulator, baselines and evaluation")
-    sub = agent.add_subparsers(dest="agent_command", required=True)
-
-    ev = sub.add_parser("eval", help="score policies on scenarios against oracle-static")
-    ev.add_argument("--scenarios", default="scenarios", help="folder of scenario YAML files")
-    ev.add_argument(
-        "--policies",
-        default=DEFAULT_POLICIES,
-        help="comma list: static,threshold,goodput,tabularq,rl,oracle-static,...",
-    )
-    ev.add_argument("--rl-checkpoint", help="RLModule checkpoint for rl (default: the shipped one)")
-    ev.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per scenario")
-    ev.add_argument("--jobs", type=int, default=1, help="worker processes")
-    ev.add_argument("--json", default="eval.json", help="where to write all results")
-    ev.add_argument("--tabular-table", help="QTable JSON for tabularq (default: train one now)")
-    ev.add_argument("--tabular-episodes", type=int, default=300)
-    ev.set_defaults(func=cmd_eval)
-
-    fit = sub.add_parser("fit", help="fit the step-time model to profiles, report held-out error")
-    fit.add_argument(
-        "paths",
-        nargs="+",
-        help="placements.csv files, trace folders, or trace names (cifar10, bert...)",
-    )
-    fit.add_argument("--holdout-every", type=int, default=5, help="hold out every N-th row")
-    fit.set_defaults(func=cmd_fit)
-
-    train = sub.add_parser("train-tabular", help="train the TabularQ baseline in the simulator")
-    train.add_argument("--scenarios", default="scenarios")
-    train.add_argument("--episodes", type=int, default=300)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", default="tabularq.json")
-    train.set_defaults(func=cmd_train_tabular)
-
-    rl = sub.add_parser(
-        "train", help="train the RL policy (PPO, RLlib) in the simulator and evaluate it"
-    )
-    rl.add_argument("--scenarios", default="scenarios")
-    rl.add_argument("--out", default="runs/agent-train", help="checkpoint, logs, evaluation")
-    rl.add_argument("--seed", type=int, default=0)
-    rl.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget for PPO")
-    rl.add_argument("--iterations", type=int, default=10_000, help="at most this many PPO iters")
-    rl.add_argument(
-        "--exclude-trace",
-        action="append",
-        default=[],
-        help="hold a Pollux trace out of training (repeatable), e.g. imagenet",
-    )
-    rl.add_argument(
-        "--keep-excluded-layouts",
-        action="store_true",
-        help="keep the held-out trace's scenarios, with the other profiles swapped in",
-    )
-    rl.add_argument("--profile-csv", action="append", default=[], help="live profile to swap in")
-    rl.add_argument("--prior", default="goodput", help="teacher for the behaviour-cloning start, "
-                    "or 'none' for PPO from a random network")
-    rl.add_argument("--eval-seeds", type=int, default=10, help="0: skip the evaluation")
-    rl.add_argument("--ship", action="store_true",
-                    help="also copy the trained RLModule to the shipped default policy folder")
-    rl.set_defaults(func=cmd_train_rl)
-
-    check = sub.add_parser("check", help="validate scenario files and show their initial state")
-    check.add_argument("scenarios", nargs="+", help="scenario files or folders")
-    check.set_defaults(func=cmd_check)
+def fail(message: object, status: int = 2) -> NoReturn:
+    """Print `error: message` to stderr and exit with `status` (2: bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(status)
 
 
 def _load(folder: str):
@@ -90,24 +33,39 @@ def _load(folder: str):
     return load_scenarios(folder)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+@app.command("eval")
+def evaluate_policies(
+    scenarios: Annotated[str, typer.Option(help="folder of scenario YAML files")] = "scenarios",
+    policies: Annotated[str, typer.Option(
+        help="comma list: static,threshold,goodput,tabularq,rl,oracle-static,...")
+    ] = DEFAULT_POLICIES,
+    rl_checkpoint: Annotated[str | None, typer.Option(
+        help="RLModule checkpoint for rl (default: the shipped one)")] = None,
+    seeds: Annotated[int, typer.Option(help="seeds 0..N-1 per scenario")] = 3,
+    jobs: Annotated[int, typer.Option(help="worker processes")] = 1,
+    json_path: Annotated[str, typer.Option("--json", help="where to write all results")
+                         ] = "eval.json",
+    tabular_table: Annotated[str | None, typer.Option(
+        help="QTable JSON for tabularq (default: train one now)")] = None,
+    tabular_episodes: int = 300,
+) -> None:
+    """score policies on scenarios against oracle-static"""
     from raysys.agent.evaluate import ORACLE, default_builder, evaluate
 
     try:
-        scenarios = _load(args.scenarios)
+        loaded = _load(scenarios)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+        fail(exc)
+    names = [n.strip() for n in policies.split(",") if n.strip()]
     builders = {}
     for name in names:
         if name == ORACLE:
             continue  # always computed: it is the yardstick
         kwargs = {}
         if name == "tabularq":
-            kwargs["table"] = _tabular_table(args, scenarios)
-        if name == "rl" and args.rl_checkpoint:
-            kwargs["checkpoint"] = str(Path(args.rl_checkpoint).resolve())
+            kwargs["table"] = _tabular_table(tabular_table, tabular_episodes, loaded)
+        if name == "rl" and rl_checkpoint:
+            kwargs["checkpoint"] = str(Path(rl_checkpoint).resolve())
         builders[name] = default_builder(name, **kwargs)
     if "rl" in builders:
         from raysys.agent.rl.policy import CheckpointError, RLPolicy
@@ -115,49 +73,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:  # fail here, with the path, rather than inside the first episode
             RLPolicy(checkpoint=dict(builders["rl"].kwargs).get("checkpoint"))
         except CheckpointError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            fail(exc)
     from raysys.agent.policies import available_policies
 
     unknown = [n for n in builders if n not in available_policies()]
     if unknown:
-        print(f"error: unknown policies {unknown}; known: {available_policies()}", file=sys.stderr)
-        return 2
+        fail(f"unknown policies {unknown}; known: {available_policies()}")
     start = time.perf_counter()
-    report = evaluate(scenarios, builders, list(range(args.seeds)), jobs=args.jobs)
+    report = evaluate(loaded, builders, list(range(seeds)), jobs=jobs)
     elapsed = time.perf_counter() - start
     print(report.table())
-    path = report.to_json(args.json)
+    path = report.to_json(json_path)
     print(f"\n{len(report.episodes)} episodes in {elapsed:.1f} s; results written to {path}")
-    return 0
 
 
-def _tabular_table(args: argparse.Namespace, scenarios):
+def _tabular_table(table_path: str | None, episodes: int, scenarios):
     from raysys.agent.tabular_q import QTable, TabularQConfig, train_tabular_q
 
-    if args.tabular_table:
-        return QTable.load(args.tabular_table)
+    if table_path:
+        return QTable.load(table_path)
     start = time.perf_counter()
     # Training seeds are offset far from evaluation seeds 0..N-1 (see train_tabular_q).
-    table = train_tabular_q(scenarios, TabularQConfig(episodes=args.tabular_episodes))
+    table = train_tabular_q(scenarios, TabularQConfig(episodes=episodes))
     print(
-        f"trained tabularq: {args.tabular_episodes} episodes, {len(table.values)} states, "
+        f"trained tabularq: {episodes} episodes, {len(table.values)} states, "
         f"{time.perf_counter() - start:.1f} s"
     )
     return table
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
+@app.command()
+def fit(
+    paths: Annotated[list[str], typer.Argument(
+        metavar="PATHS",
+        help="placements.csv files, trace folders, or trace names (cifar10, bert...)")],
+    holdout_every: Annotated[int, typer.Option(help="hold out every N-th row")] = 5,
+) -> None:
+    """fit the step-time model to profiles, report held-out error"""
     from raysys.agent.profile_fit import fit_report, trace_profile
 
     status = 0
     print(f"{'profile':<48} {'train':>6} {'test':>5} {'median':>8} {'p90':>8} {'mean':>8}  params")
-    for raw in args.paths:
+    for raw in paths:
         path = Path(raw)
         try:
             if not path.exists() and len(path.parts) == 1:
                 path = trace_profile(raw)
-            report = fit_report(path, args.holdout_every)
+            report = fit_report(path, holdout_every)
         except (OSError, ValueError) as exc:
             print(f"{raw:<48} error: {exc}")
             status = 1
@@ -175,76 +137,108 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     print(
         "relative error |predicted - measured| / measured step time on held-out rows "
-        f"(every {args.holdout_every}th row); goal: median <= 10%"
+        f"(every {holdout_every}th row); goal: median <= 10%"
     )
-    return status
+    raise typer.Exit(status)
 
 
-def cmd_train_tabular(args: argparse.Namespace) -> int:
+@app.command("train-tabular")
+def train_tabular(
+    scenarios: str = "scenarios",
+    episodes: int = 300,
+    seed: int = 0,
+    out: str = "tabularq.json",
+) -> None:
+    """train the TabularQ baseline in the simulator"""
     from raysys.agent.tabular_q import TabularQConfig, train_tabular_q
 
     try:
-        scenarios = _load(args.scenarios)
+        loaded = _load(scenarios)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        fail(exc)
     start = time.perf_counter()
     scores: list[float] = []
     table = train_tabular_q(
-        scenarios,
-        TabularQConfig(episodes=args.episodes, seed=args.seed),
+        loaded,
+        TabularQConfig(episodes=episodes, seed=seed),
         on_episode=lambda _, score: scores.append(score),
     )
-    path = table.save(args.out)
+    path = table.save(out)
     print(
-        f"{args.episodes} episodes in {time.perf_counter() - start:.1f} s, "
+        f"{episodes} episodes in {time.perf_counter() - start:.1f} s, "
         f"{len(table.values)} states; table written to {path}"
     )
-    return 0
 
 
-def cmd_train_rl(args: argparse.Namespace) -> int:
-    from raysys.agent.rl.card import ship, training_command
-    from raysys.agent.rl.train import TrainConfig, train
+@app.command()
+def train(
+    scenarios: str = "scenarios",
+    out: Annotated[str, typer.Option(help="checkpoint, logs, evaluation")] = "runs/agent-train",
+    seed: int = 0,
+    minutes: Annotated[float, typer.Option(help="wall-clock budget for PPO")] = 25.0,
+    iterations: Annotated[int, typer.Option(help="at most this many PPO iters")] = 10_000,
+    exclude_trace: Annotated[list[str] | None, typer.Option(
+        help="hold a Pollux trace out of training (repeatable), e.g. imagenet")] = None,
+    keep_excluded_layouts: Annotated[bool, typer.Option(
+        "--keep-excluded-layouts",
+        help="keep the held-out trace's scenarios, with the other profiles swapped in")] = False,
+    profile_csv: Annotated[list[str] | None, typer.Option(
+        help="live profile to swap in")] = None,
+    prior: Annotated[str, typer.Option(
+        help="teacher for the behaviour-cloning start, or 'none' for PPO from a random network")
+    ] = "goodput",
+    eval_seeds: Annotated[int, typer.Option(help="0: skip the evaluation")] = 10,
+    ship: Annotated[bool, typer.Option(
+        "--ship",
+        help="also copy the trained RLModule to the shipped default policy folder")] = False,
+) -> None:
+    """train the RL policy (PPO, RLlib) in the simulator and evaluate it"""
+    from raysys.agent.rl.card import ship as ship_module
+    from raysys.agent.rl.card import training_command
+    from raysys.agent.rl.train import TrainConfig
+    from raysys.agent.rl.train import train as train_ppo
 
     cfg = TrainConfig(
-        out=args.out,
-        seed=args.seed,
-        minutes=args.minutes,
-        max_iterations=args.iterations,
-        scenarios=args.scenarios,
-        exclude_traces=tuple(args.exclude_trace),
-        keep_excluded_layouts=args.keep_excluded_layouts,
-        profile_csvs=tuple(args.profile_csv),
-        prior=None if args.prior.lower() == "none" else args.prior,
-        eval_seeds=args.eval_seeds,
+        out=out,
+        seed=seed,
+        minutes=minutes,
+        max_iterations=iterations,
+        scenarios=scenarios,
+        exclude_traces=tuple(exclude_trace or ()),
+        keep_excluded_layouts=keep_excluded_layouts,
+        profile_csvs=tuple(profile_csv or ()),
+        prior=None if prior.lower() == "none" else prior,
+        eval_seeds=eval_seeds,
     )
     from raysys.progress import progress
 
     try:
         # The bar follows the PPO time budget; each iteration's line is printed above it.
-        with progress("agent train", cfg.minutes * 60, by_time=True) as report:
-            result = train(cfg, log=report, command=training_command())
+        with progress("agent train", cfg.minutes * 60, by_time=True) as log:
+            result = train_ppo(cfg, log=log, command=training_command())
     except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        fail(exc)
     print(
         f"{result.iterations} PPO iterations, {result.env_steps} env steps, "
         f"{result.train_seconds:.0f} s of PPO, {result.total_seconds:.0f} s in all; "
         f"RLModule in {result.module}, Algorithm checkpoint in {result.algorithm}, "
         f"TensorBoard logs in {result.out / 'tb'}"
     )
-    if args.ship:
-        print(f"shipped: {ship(result.out)}")
-    return 0
+    if ship:
+        print(f"shipped: {ship_module(result.out)}")
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+@app.command()
+def check(
+    scenarios: Annotated[list[str], typer.Argument(
+        metavar="SCENARIOS", help="scenario files or folders")],
+) -> None:
+    """validate scenario files and show their initial state"""
     from raysys.agent.scenarios import load_scenario, scenario_files
     from raysys.agent.sim import Simulator
 
     status = 0
-    for target in args.scenarios:
+    for target in scenarios:
         try:
             files = scenario_files(target)
         except ConfigError as exc:
@@ -265,14 +259,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"{sim.step_time_s:.3f} s, initial ETA {eta:.0f} s, "
                 f"{sim.pending_events} events"
             )
-    return status
+    raise typer.Exit(status)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raysys")
-    add_agent_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+def main(argv: Sequence[str] | None = None) -> int:
+    """`raysys` on `argv`, e.g. ["agent", "eval", ...]; returns the exit status (0 ok, 1 failed,
+    2 usage error or bad input)."""
+    from raysys.cli import main as raysys_main  # here: raysys.cli mounts this module's app
+
+    return raysys_main(argv)
 
 
 if __name__ == "__main__":
