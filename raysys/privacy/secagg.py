@@ -19,30 +19,43 @@ revealed by design, so with exactly two partners each learns the other's aggrega
 (inherent to any secure aggregation); dropout recovery does not reveal anything either, because
 a failed step is re-run in a new generation with new keys (see below), never unmasked.
 
-Ring and fixed point (defaults RING_BITS=56, FRAC_BITS=24):
-  * Values travel as int64 in [0, 2^56). A sum over w <= MAX_WORLD = 2^(63-56) - 1 = 127 ranks
-    stays below 2^63, so gloo's int64 sum never overflows (signed overflow is undefined in C++,
-    so we do not rely on wrap-around anywhere); the sum is reduced mod 2^56 afterwards.
-    Negative values are two's complement in the ring (x & (2^56 - 1)); the decoded aggregate is
-    the signed representative in [-2^55, 2^55).
-  * Scale 2^24: resolution 6e-8 on a local SUM, rounding error <= 3e-8 per value and worker,
-    i.e. <= w * 3e-8 on the global sum before apply() divides by the sample count. That is
-    below float32's own rounding for any value above 0.5 and irrelevant to SGD below it.
-  * Range: each worker's values are clamped to |x| <= 2^(31 - bitlen(w)) (2^27 = 1.3e8 at 8
-    workers, 2^24 = 1.7e7 at 127) so that the global sum cannot wrap. Gradient sums over a
-    local batch are far below that; a value beyond it is clipped (like value clipping) and
-    counted in `last_clamped`, never silently wrapped.
-  * The tail slots need no separate scale: the sample counts are integers and are exact
-    (n * 2^24 < 2^55 for any batch), the loss sum gets the same 6e-8 resolution, finer than the
-    float32 it came from once it exceeds 1.
-  * A NaN/Inf anywhere cannot be encoded. Each contribution carries two extra ring slots
-    [non-finite count, clamped count] (masked like the rest); if any worker had a non-finite
-    value the whole decoded step is NaN (except the sample counts), so divergence shows up in
-    the loss as it would with the plain float all-reduce.
+Ring and fixed point, scaled per segment:
+  * A group of w ranks works in the ring Z_{2^k} with k = W - 1 - bitlen(w), where the wire
+    word W is 32 bits for w <= WORD32_MAX_WORLD (15) and 64 bits above (up to MAX_WORLD = 127).
+    w values of [0, 2^k) sum to less than 2^(W-1), so gloo's signed integer sum never
+    overflows (signed overflow is undefined in C++, so we rely on wrap-around nowhere; masks
+    are added on unsigned views, where numpy defines it); the sum is reduced mod 2^k
+    afterwards. Negative values are two's complement in the ring, and the decoded aggregate is
+    the signed representative in [-2^(k-1), 2^(k-1)).
+  * Segments share a scale: every bucket's gradients, the loss sum, the two sample counts (so a
+    large loss cannot coarsen the gradients, and counts stay exact). A segment whose values are
+    below 2^e is scaled by 2^(P - e) with P = k - 1 - bitlen(w): each encoded value has
+    |x| <= 2^P and the sum of w of them stays inside the ring's signed half. Scaling by a power
+    of two is exact in float32.
+  * Where e comes from. A generation's first step agrees it: each rank's exponent of its
+    largest |value| per segment, one tiny MAX all-reduce (its latency hidden behind the mask
+    generation). Later steps take e from the previous step's decoded aggregate, which every
+    rank holds, plus HEADROOM_BITS: no extra round trip. A rank whose values outgrow that
+    scale clamps them (nothing wraps) and counts them in a masked status slot; the group sees
+    the count in the sum and sends the step again at agreed scales under fresh masks (attempt
+    1 of the step) before decoding anything. So no value is ever clipped in a result.
+  * Precision: P bits against the segment's scale (26 bits for 2-3 workers, 24 for 4-7, 22 for
+    8-15, >= 48 on the 64-bit wire), less the headroom on cached steps: a rounding error of at
+    most 2^(e-P-1) per value and worker. Small gradients next to a large one of the same bucket
+    lose relative precision, as any fixed point does; ~20 bits against the bucket's largest
+    value is far below what an SGD step resolves. Counts below 2^P get scale >= 1: exact.
+  * Why 32 bits: a 32-bit wire moves the same bytes as the float32 all-reduce (a fixed 56-bit
+    ring on int64, this module's first design, doubled them) and halves the keystream and every
+    pass over the encoded values. Measured in bench/secagg_overhead.py.
+  * What travels unmasked: the agreement of a generation's first step and of a redone step.
+    Ring neighbours see there, per segment, the power of two above another rank's largest
+    |value| (one small integer, e.g. "below 2^-3"), never a value. Non-finite values are
+    counted in the other masked status slot: if any rank had a NaN/Inf the whole decoded step
+    is NaN (except the sample counts), so divergence shows in the loss as with the plain sum.
   Fixed-point sums are associative, so the aggregate no longer depends on the reduction order;
-  it does depend (at the 2^-24 level) on how samples are split, because each worker rounds its
-  own local sum: secure aggregation is equal to the plain path within quantization error, not
-  bit for bit.
+  it does depend (at the 2^(e-P) level) on how samples are split, because each worker rounds its
+  own local sum: secure aggregation equals the plain path within quantization error, not bit
+  for bit.
 
 Keys and masks:
   * Per generation every worker makes a fresh X25519 key pair and publishes the public key with
@@ -51,42 +64,47 @@ Keys and masks:
     worker cannot opt out of masking by claiming to be a peer's partner).
   * Pair key: HKDF-SHA256(X25519 shared secret, info = generation, both ranks, both partners,
     both public keys) -> a 128-bit AES key. New generation => new key pairs => new masks.
-  * Mask of (pair, step, bucket): the AES-128-CTR keystream with initial counter block
-    step (8 bytes) | bucket (4 bytes) | 0 (4 bytes), read as int64 and reduced mod 2^k. AES-CTR
+  * Mask of (pair, step, attempt, bucket): the AES-128-CTR keystream with initial counter
+    block step (8 bytes) | attempt (2) | bucket (2) | 0 (4), read as wire words (mod 2^k). AES-CTR
     is a cryptographic PRG (numpy's PCG64/Philox are not: their output reveals their state),
     and with AES-NI OpenSSL produces ~5 GB/s, faster than numpy's generators here (1.2 ms vs
     3.6 ms (PCG64) for 1M int64 on this host), so there is no speed reason to pick a weaker one.
   * A (generation, step) pair is masked at most once: re-running a step in the same generation
     with different inputs would let a peer subtract two contributions masked alike and see the
     difference of the gradients, so it raises MaskReuseError instead. After a failure the
-    controller forms a new generation anyway, which re-keys.
+    controller forms a new generation anyway, which re-keys. (A redone step's second attempt
+    has masks of its own: the attempt is part of the counter block.)
 
 Dropout: setup() polls the store until the keys of all cross-partner peers are there and raises
 SecAggSetupError (a CollectiveError) naming the missing ranks when `timeout_s` passes, so a peer
 that died between the plan and the rendezvous fails the join instead of hanging it. A peer lost
-in the middle of a step makes the int64 all-reduce fail as it would without masks.
+in the middle of a step makes the integer all-reduce fail as it would without masks.
 
-Cost per step and worker: encode (scale, range check, round, convert), per masked peer one AES
-keystream plus an `and` and an add, and decode (sign extension, convert, scale), all run chunk by
-chunk (CHUNK values at a time) so that the chain stays in cache; plus the all-reduce moves int64,
-twice the bytes of float32. Masking work grows with the number of cross-partner peers, so the
-overhead is highest when every worker is its own partner. See bench/secagg_overhead.py.
+Cost per step and worker: per masked peer one AES keystream and an add; encode (scale, range
+check, round, convert, add); decode (sign extension, convert and scale); one pass for the next
+step's exponents; all run chunk by chunk (CHUNK values at a time) so that the chain stays in
+cache. On the 32-bit wire the all-reduce moves the bytes of the plain one.
+Masking work grows with the number of cross-partner peers, so the overhead is highest when every
+worker is its own partner. See bench/secagg_overhead.py.
 
 Wiring (worker): `agg.setup(store, rank, partners, generation, timeout_s)` right after the
 generation's GenerationGroup is formed, with `store` = PrefixStore(f"gen-{generation}/", own
 TCPStore client) (one client per worker: a client is not safe to share between threads), and
-`agg.all_reduce_sum(group.all_reduce_sum, replica.buckets, replica.step)` in place of
-`group.all_reduce_sum(replica.buckets)`.
+`agg.all_reduce_sum(start, replica.buckets, replica.step)` in place of the plain all-reduce of
+`replica.buckets`, where start(tensors, op) starts reducing in place (SUM, or MAX for the
+agreement) and returns the function that waits for it; GenerationGroup does this wiring.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from cryptography.hazmat.primitives import hashes
@@ -99,22 +117,29 @@ from raysys.train.replica import TAIL
 
 log = logging.getLogger(__name__)
 
-RING_BITS = 56
-FRAC_BITS = 24
-MAX_WORLD = 2 ** (63 - RING_BITS) - 1  # 127: see the module docstring for why not 128
-STATUS_SLOTS = 2  # [non-finite count, clamped count], appended to the last encoded bucket
-# Replica's last bucket ends in [loss_sum, loss_samples, samples]: the slots after loss_sum are
-# counts, kept exact when a non-finite value poisons a step.
+WORD32_MAX_WORLD = 15  # up to here the wire is int32 with >= 22 bits of precision
+MAX_WORLD = 127  # int64 wire: k = 56 at 127 ranks; 128 would leave no room for the sum
+MIN_SCALE_EXPONENT, MAX_SCALE_EXPONENT = -126, 126  # 2^(P - e) stays a normal float32
+# Replica's last bucket ends in [loss_sum, loss_samples, samples]: the loss sum and the two sample
+# counts get scales of their own, so a large loss cannot coarsen the gradients' scale and the
+# counts stay exact integers.
 COUNT_SLOTS = TAIL - 1
-# Elements per cache block: every step of encode -> mask -> reduce runs on one block of 2 MiB of
-# int64 (plus as much keystream) while it is in cache, instead of ~3 passes per masked peer over
-# the whole bucket from memory. Measured ~25-45% less time than whole-bucket passes on this host.
+# Elements per cache block: every step of encode -> mask -> reduce runs on one block (1-2 MiB of
+# ring words plus as much keystream) while it is in cache, instead of ~3 passes per masked peer
+# over the whole bucket from memory. Measured ~25-45% less time than whole-bucket passes here.
 CHUNK = 1 << 18
 _PUBKEY_BYTES = 32
-_MAX_BUCKET = 2**33  # 2^32 AES blocks of two values: the counter's low word must not wrap
+_MAX_BUCKET = 2**33  # 2^32 AES blocks of 8 bytes or more: the counter's low word must not wrap
+_UNSIGNED = {torch.int32: np.uint32, torch.int64: np.uint64}  # views for modular arithmetic
+# The next step's scales come from this step's (public) aggregate, with this many bits of room
+# for a rank whose values exceed the aggregate's or grow: 4x. Beyond it the step is redone.
+HEADROOM_BITS = 2
+STATUS_SLOTS = 2  # [non-finite count, overflow count], masked, after the last bucket's values
 
-AllReduce = Callable[[list[torch.Tensor]], None]
-"""Sums a list of tensors across the group, in place (GenerationGroup.all_reduce_sum is one)."""
+StartAllReduce = Callable[..., Callable[[], None]]
+"""`start(tensors, op=dist.ReduceOp.SUM)` starts reducing a list of tensors across the group in
+place (SUM for the masked values, MAX for the scale agreement) and returns the function that
+waits for it; raysys.train.collective._Gloo.start is one."""
 
 
 class SecAggError(CollectiveError):
@@ -129,47 +154,61 @@ class MaskReuseError(SecAggError):
     """A step was about to be masked twice with the same keys (see the module docstring)."""
 
 
-def pg_all_reduce(pg: dist.ProcessGroup, timeout: timedelta) -> AllReduce:
-    """An AllReduce over a raw process group (e.g. dist.ProcessGroupGloo), for tests and bench."""
+def pg_all_reduce(pg: dist.ProcessGroup, timeout: timedelta) -> StartAllReduce:
+    """A StartAllReduce over a raw process group (e.g. dist.ProcessGroupGloo), for tests."""
 
-    def all_reduce(tensors: list[torch.Tensor]) -> None:
-        works = [pg.allreduce([t]) for t in tensors]
-        for w in works:
-            w.wait(timeout)
+    def start(tensors: list[torch.Tensor],
+              op: dist.ReduceOp = dist.ReduceOp.SUM) -> Callable[[], None]:
+        works = [pg.allreduce([t], op) for t in tensors]
 
-    return all_reduce
+        def wait() -> None:
+            for w in works:
+                w.wait(timeout)
+
+        return wait
+
+    return start
 
 
 class SecureAggregator:
     """One worker's secure-aggregation state; call setup() once per generation.
 
     Usage: `agg.setup(store, rank, partners, generation, timeout_s)` at join, then per step
-    `agg.all_reduce_sum(all_reduce, buckets, step)` in place of `all_reduce(buckets)`.
+    `agg.all_reduce_sum(start, buckets, step)` in place of the plain all-reduce of `buckets`.
     """
 
-    def __init__(self, ring_bits: int = RING_BITS, frac_bits: int = FRAC_BITS) -> None:
-        if not 8 < ring_bits <= 62 or not 0 <= frac_bits < ring_bits - 8:
-            raise ValueError(f"bad fixed point: ring_bits={ring_bits}, frac_bits={frac_bits}")
-        self.ring_bits = ring_bits
-        self.frac_bits = frac_bits
-        self.max_world = 2 ** (63 - ring_bits) - 1
-        self._ring_mask = (1 << ring_bits) - 1
-        self._scale = float(2**frac_bits)
+    def __init__(self, wire_bits: int | None = None) -> None:
+        """`wire_bits` forces the wire word (32 or 64); by default it follows the group size
+        (32 up to WORD32_MAX_WORLD ranks)."""
+        if wire_bits not in (None, 32, 64):
+            raise ValueError(f"wire_bits must be 32 or 64, not {wire_bits}")
+        self._wire_bits_choice = wire_bits
         self.generation: int | None = None
         self.rank = 0
         self.world = 1
         self.partners: tuple[str, ...] = ()
         self._pair_keys: dict[int, bytes] = {}  # peer rank -> AES key, cross-partner peers only
         self._masked_steps: set[int] = set()
-        self.last_clamped = 0  # values clipped to the range in the last step, whole group
         self.last_nonfinite = 0  # NaN/Inf values in the last step, whole group
-        # The encoded buckets (reused every step), and one chunk of float scratch and keystream.
-        self._enc: list[torch.Tensor] = []
+        self.last_exponents: list[int] = []  # the exponent per segment the last step used
+        self._next_exponents: list[int] | None = None  # from the last aggregate; None: agree
+        self.agreements = 0  # steps that ran the scale agreement (a generation's first, redos)
+        self.redone_steps = 0  # steps re-sent at agreed scales after a cached scale overflowed
+        self._enc: list[torch.Tensor] = []  # the encoded buckets, reused every step
         self._scratch = torch.empty(CHUNK, dtype=torch.float32)
-        # update_into wants room for one AES block beyond the data: two more int64.
-        self._ks = torch.empty(CHUNK + 2, dtype=torch.int64)
-        self._ks_bytes = memoryview(self._ks.numpy()).cast("B")
         self._zeros = memoryview(bytes(CHUNK * 8))
+        self._ring(64 if wire_bits == 64 else 32, 2)
+
+    def _ring(self, wire_bits: int, world: int) -> None:
+        """Fix the wire word, ring and precision for a group of `world` ranks."""
+        self.wire_bits = wire_bits
+        self.wire_dtype = torch.int32 if wire_bits == 32 else torch.int64
+        self.ring_bits = wire_bits - 1 - world.bit_length()
+        self.precision_bits = self.ring_bits - 1 - world.bit_length()
+        self._ring_mask = (1 << self.ring_bits) - 1
+        # update_into wants room for one AES block (16 bytes) beyond the data.
+        self._ks = torch.empty(CHUNK + 16 // self.wire_dtype.itemsize, dtype=self.wire_dtype)
+        self._ks_bytes = memoryview(self._ks.numpy()).cast("B")
 
     # -- key agreement, once per generation ---------------------------------------------------
     def setup(self, store: dist.Store, rank: int, partners: Sequence[str], generation: int,
@@ -184,10 +223,15 @@ class SecureAggregator:
         world = len(partners)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a group of {world}")
-        if world > self.max_world:
-            raise ValueError(f"secure aggregation supports at most {self.max_world} workers "
-                             f"with a 2^{self.ring_bits} ring, not {world}")
+        if world > MAX_WORLD:
+            raise ValueError(f"secure aggregation supports at most {MAX_WORLD} workers, "
+                             f"not {world}")
+        wire_bits = self._wire_bits_choice or (32 if world <= WORD32_MAX_WORLD else 64)
+        if wire_bits == 32 and world > WORD32_MAX_WORLD:
+            raise ValueError(f"a 32-bit wire supports at most {WORD32_MAX_WORLD} workers, "
+                             f"not {world}")
         self.close()
+        self._ring(wire_bits, world)
         self.generation, self.rank, self.world = generation, rank, world
         self.partners = tuple(partners)
         try:
@@ -267,6 +311,7 @@ class SecureAggregator:
         self.generation = None
         self._pair_keys = {}
         self._masked_steps = set()
+        self._next_exponents = None
 
     @property
     def masking(self) -> bool:
@@ -279,124 +324,42 @@ class SecureAggregator:
         return tuple(sorted(self._pair_keys))
 
     # -- per step ------------------------------------------------------------------------------
-    def all_reduce_sum(self, all_reduce: AllReduce, buckets: list[torch.Tensor],
+    def all_reduce_sum(self, start: StartAllReduce, buckets: list[torch.Tensor],
                        step: int) -> None:
         """Sum the float `buckets` across the generation, in place, without revealing them.
 
-        `all_reduce` must sum a list of int64 tensors in place (GenerationGroup.all_reduce_sum,
-        or pg_all_reduce(pg, timeout)). Every rank must call this with the same `step` and the
-        same bucket sizes.
+        `start(tensors, op)` must start reducing in place across the group (see
+        StartAllReduce). Every rank must call this with the same `step` and the same bucket
+        sizes; the last bucket ends in Replica's tail [loss_sum, loss_samples, samples].
         """
         if self.generation is None:
             raise SecAggError("SecureAggregator.setup() was not called for this generation")
         if self.world == 1:
             return
         if not self.masking:
-            all_reduce(buckets)
+            start(buckets)()
             return
         if step in self._masked_steps:
             raise MaskReuseError(
                 f"generation {self.generation}: step {step} was already masked with these keys; "
                 "re-run it in a new generation (re-keyed) instead")
         self._masked_steps.add(step)
-        enc = self._encode(buckets, step)
-        all_reduce(enc)
-        self.decode_(enc, buckets)
-
-    def encode(self, buckets: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The fixed-point ring encoding of `buckets` plus the status slots, WITHOUT masks
-        (representatives in [0, 2^k)); for tests and audits. Reused buffers: copy to keep."""
-        return self._encode(buckets, None)
-
-    def _encode(self, buckets: list[torch.Tensor], step: int | None) -> list[torch.Tensor]:
-        """Encode, add this rank's masks for `step` (none if None) and reduce into the ring."""
         self._reserve(buckets)
-        # Each value is clamped so that the sum of `world` of them stays inside (-2^(k-1),
-        # 2^(k-1)): bitlen(w) >= log2(w + 1), hence w * 2^(k-1-bitlen(w)) < 2^(k-1).
-        bound = float(2 ** (self.ring_bits - 1 - self.world.bit_length()))
-        counts = [0, 0]  # non-finite, clamped
-        peers = self.masked_peers if step is not None else ()
-        last = len(buckets) - 1
-        for i, (b, e) in enumerate(zip(buckets, self._enc, strict=True)):
-            flat = b.reshape(-1)
-            n, total = flat.numel(), e.numel()
-            # One AES-CTR stream per peer and bucket; successive update_into calls continue it.
-            streams = [(self._cipher(j, step, i), j > self.rank) for j in peers]
-            for a in range(0, total, CHUNK):
-                z = min(CHUNK, total - a)
-                chunk = e[a: a + z]
-                if a < n:
-                    m = min(z, n - a)  # floats in this chunk; the status slots follow them
-                    self._encode_chunk(flat[a: a + m], chunk[:m], bound, counts)
-                if i == last and a + z == total:
-                    # Every value is encoded by now, so the counts are final; they are masked
-                    # with the rest of the chunk.
-                    chunk[-STATUS_SLOTS:] = torch.tensor(counts, dtype=torch.int64)
-                for stream, add in streams:
-                    stream.update_into(self._zeros[: z * 8], self._ks_bytes)
-                    mask = self._ks[:z].bitwise_and_(self._ring_mask)
-                    # Rank i adds m_ij for j > i and subtracts it for j < i: the pair cancels.
-                    # Partial sums stay within (-w * 2^k, w * 2^k): no int64 overflow.
-                    if add:
-                        chunk.add_(mask)
-                    else:
-                        chunk.sub_(mask)
-                chunk.bitwise_and_(self._ring_mask)  # two's complement -> [0, 2^k)
-        return self._enc
-
-    def _encode_chunk(self, src: torch.Tensor, dst: torch.Tensor, bound: float,
-                      counts: list[int]) -> None:
-        """Fixed point of one chunk of floats into `dst` (signed, not yet reduced)."""
-        scaled = torch.mul(src, self._scale, out=self._scratch[: src.numel()])
-        lo, hi = torch.aminmax(scaled)
-        # `not <=` is also true for NaN, so the slow path runs exactly when it is needed.
-        if not (-float(lo) <= bound and float(hi) <= bound):
-            finite = torch.isfinite(scaled)
-            counts[0] += int(src.numel() - finite.sum())
-            counts[1] += int((finite & (scaled.abs() > bound)).sum())
-            scaled.nan_to_num_(0.0).clamp_(-bound, bound)
-        scaled.round_()
-        dst.copy_(scaled)  # exact: |scaled| <= 2^54 < 2^63
-
-    def _cipher(self, peer: int, step: int, bucket: int) -> CipherContext:
-        # AES-CTR keystream = encryption of zeros. The initial counter block is (step, bucket,
-        # 0), so no two (step, bucket) of a pair share keystream unless a bucket is longer than
-        # 2^32 AES blocks (2^33 values).
-        nonce = struct.pack(">QII", step, bucket, 0)
-        return Cipher(algorithms.AES(self._pair_keys[peer]), modes.CTR(nonce)).encryptor()
-
-    def pair_mask(self, peer: int, step: int, bucket: int, numel: int) -> torch.Tensor | None:
-        """The mask this rank shares with `peer` for (step, bucket), or None if the pair is not
-        masked (same partner). For tests and audits, not the hot path."""
-        if peer not in self._pair_keys:
-            return None
-        stream = self._cipher(peer, step, bucket)
-        parts = []
-        for a in range(0, numel, CHUNK):
-            z = min(CHUNK, numel - a)
-            stream.update_into(self._zeros[: z * 8], self._ks_bytes)
-            parts.append(self._ks[:z].bitwise_and(self._ring_mask))
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-
-    def decode_(self, enc: list[torch.Tensor], buckets: list[torch.Tensor]) -> None:
-        """Turn the summed ring values `enc` back into floats in `buckets`, in place."""
-        shift = 64 - self.ring_bits
-        inv_scale = 1.0 / self._scale  # a power of two: the multiplication is exact
-        for b, e in zip(buckets, enc, strict=True):
-            flat = b.view(-1)
-            n, total = flat.numel(), e.numel()
-            for a in range(0, total, CHUNK):
-                chunk = e[a: a + CHUNK]
-                # Signed representative of (sum mod 2^k) by sign extension: torch's left shift
-                # works on the unsigned bit pattern (dropping bits above 2^k is defined) and
-                # its right shift of a signed tensor is arithmetic.
-                chunk.bitwise_left_shift_(shift).bitwise_right_shift_(shift)
-                if a < n:
-                    out = flat[a: a + CHUNK]
-                    out.copy_(chunk[: out.numel()])  # int64 -> float32, correctly rounded
-                    out.mul_(inv_scale)
-        status = enc[-1][-STATUS_SLOTS:].tolist()
-        self.last_nonfinite, self.last_clamped = int(status[0]), int(status[1])
+        if self._next_exponents is None:
+            self._send(start, buckets, step, attempt=0, agree=True)
+        else:
+            self.last_exponents = self._next_exponents
+            self._send(start, buckets, step, attempt=0, agree=False)
+            if self._status()[1]:
+                # A rank's value outgrew the cached scale (it was clamped, so nothing wrapped):
+                # send the step again at agreed scales, under fresh masks (attempt 1), before
+                # anything is decoded. Every rank sees the same status, so all redo it.
+                self.redone_steps += 1
+                log.debug("secure aggregation: step %d redone at agreed scales", step)
+                self._send(start, buckets, step, attempt=1, agree=True)
+        self.last_nonfinite = self._status()[0]
+        for piece in self._pieces(buckets):
+            self._decode_piece(buckets, piece)
         if self.last_nonfinite:
             # Mirror the plain float path: a NaN/Inf gradient poisons the step. The sample
             # counts (the end of Replica's tail) stay valid so apply() and the reports work.
@@ -404,15 +367,212 @@ class SecureAggregator:
             for b in buckets:
                 b.fill_(float("nan"))
             buckets[-1].view(-1)[-COUNT_SLOTS:] = counts
-        if self.last_clamped:
-            log.warning("secure aggregation: %d gradient values exceeded the fixed-point range "
-                        "and were clipped (generation %s)", self.last_clamped, self.generation)
+            self._next_exponents = None
+        else:
+            self._next_exponents = [e + HEADROOM_BITS if e > MIN_SCALE_EXPONENT else e
+                                    for e, _ in map(_exponent, _segments(buckets))]
+
+    def _send(self, start: StartAllReduce, buckets: list[torch.Tensor], step: int,
+              attempt: int, agree: bool) -> None:
+        """Mask, encode and sum one attempt of a step; with `agree`, at scales agreed now."""
+        wait_for_agreement = None
+        if agree:
+            # The masks do not depend on the values: they are drawn while the agreement is on
+            # the wire, which hides its latency behind the AES work.
+            self.agreements += 1
+            agreed = torch.tensor([e for e, _ in map(_exponent, _segments(buckets))],
+                                  dtype=torch.int64)
+            wait_for_agreement = start([agreed], dist.ReduceOp.MAX)
+        self._draw_masks(step, attempt)
+        if wait_for_agreement is not None:
+            wait_for_agreement()
+            self.last_exponents = agreed.tolist()
+        self._encode_all(buckets)
+        start(self._enc)()
+
+    def _status(self) -> list[int]:
+        """The summed [non-finite count, overflow count] of the last attempt."""
+        status = self._enc[-1][-STATUS_SLOTS:].clone()
+        shift = self.wire_bits - self.ring_bits
+        return status.bitwise_left_shift_(shift).bitwise_right_shift_(shift).tolist()
+
+    def _scale(self, exponent: int) -> float:
+        # |x| < 2^e  =>  |x * 2^(P - e)| <= 2^P: a sum of `world` of them cannot leave the ring.
+        shift = min(max(self.precision_bits - exponent, MIN_SCALE_EXPONENT), MAX_SCALE_EXPONENT)
+        return 2.0**shift
+
+    def encode(self, buckets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The ring encoding of `buckets` at the last step's scales plus the status slots,
+        WITHOUT masks (representatives in [0, 2^k)); for tests and audits. Reused buffers:
+        copy to keep."""
+        self._reserve(buckets)
+        for e in self._enc:
+            e.zero_()
+        self._encode_all(buckets)
+        return self._enc
+
+    def _draw_masks(self, step: int, attempt: int) -> None:
+        """Fill the encoding buffers with this rank's mask sum for (step, attempt): + m_ij for
+        every peer j above this rank, - m_ij below, so every pair cancels in the group's sum.
+
+        The arithmetic runs on unsigned views of the buffers, where numpy defines addition
+        modulo 2^W: the sum is exact modulo 2^k (2^k divides 2^W) with no reduction per peer,
+        and no signed overflow anywhere."""
+        width = self.wire_dtype.itemsize
+        unsigned = _UNSIGNED[self.wire_dtype]
+        keystream = self._ks.numpy().view(unsigned)
+        for i, e in enumerate(self._enc):
+            acc = e.numpy().view(unsigned)
+            # One AES-CTR stream per peer and bucket; successive update_into calls continue it.
+            streams = [(self._cipher(j, step, i, attempt), j > self.rank)
+                       for j in self.masked_peers]
+            for a in range(0, acc.size, CHUNK):
+                z = min(CHUNK, acc.size - a)
+                block, ks = acc[a: a + z], keystream[:z]
+                for n, (stream, add) in enumerate(streams):
+                    stream.update_into(self._zeros[: z * width], self._ks_bytes)
+                    if n == 0:
+                        np.copyto(block, ks) if add else np.negative(ks, out=block)
+                    elif add:
+                        np.add(block, ks, out=block)
+                    else:
+                        np.subtract(block, ks, out=block)
+
+    def _pieces(self, buckets: list[torch.Tensor]) -> list[tuple[int, int, int]]:
+        """(bucket, start, length) of CHUNK values at most: the units encoded and decoded while
+        they are in cache."""
+        return [(i, a, min(CHUNK, b.numel() - a))
+                for i, b in enumerate(buckets) for a in range(0, b.numel(), CHUNK)]
+
+    def _slot_scales(self, buckets: list[torch.Tensor]) -> torch.Tensor:
+        """The scale of every value of the last bucket's tail: the loss sum's, then the
+        counts'."""
+        base = len(buckets) - 1
+        return torch.tensor([self._scale(self.last_exponents[base + 1])]
+                            + [self._scale(self.last_exponents[base + 2])] * COUNT_SLOTS,
+                            dtype=torch.float64)
+
+    def _encode_all(self, buckets: list[torch.Tensor]) -> None:
+        """Add the fixed-point encoding of `buckets` at last_exponents' scales, and the status
+        counts, to the buffers (which hold the masks, or zeros); reduce them into the ring."""
+        counts = [0, 0]  # non-finite, overflowed
+        for piece in self._pieces(buckets):
+            self._encode_piece(buckets, piece, counts)
+        unsigned = _UNSIGNED[self.wire_dtype]
+        status = self._enc[-1].numpy().view(unsigned)[-STATUS_SLOTS:]
+        np.add(status, np.array(counts, dtype=unsigned), out=status)
+        np.bitwise_and(status, unsigned(self._ring_mask), out=status)
+
+    def _encode_piece(self, buckets: list[torch.Tensor], piece: tuple[int, int, int],
+                      counts: list[int]) -> None:
+        """Add one piece's encoding to its buffer and reduce it into the ring [0, 2^k). A value
+        beyond the scale's range (a cached scale that was too small) is clamped and counted,
+        a NaN/Inf encoded as 0 and counted."""
+        i, a, z = piece
+        unsigned = _UNSIGNED[self.wire_dtype]
+        flat = buckets[i].reshape(-1)
+        total = flat.numel()
+        body = total - TAIL if i == len(buckets) - 1 else total
+        acc = self._enc[i].numpy().view(unsigned)[a: a + z]
+        bound = float(2**self.precision_bits)
+        m = min(a + z, body) - a  # gradient values in this piece; the tail's slots follow
+        if m > 0:
+            values = torch.mul(flat[a: a + m], self._scale(self.last_exponents[i]),
+                               out=self._scratch[:m])
+            self._check_range(values, bound, counts)
+            fixed = self._ks[:m]  # the keystream buffer is free once the masks are drawn
+            fixed.copy_(values.round_())  # exact: |values| <= 2^P
+            np.add(acc[:m], fixed.numpy().view(unsigned), out=acc[:m])
+        lo, hi = max(a, body), min(a + z, total)
+        if lo < hi:  # slots of the tail, each at its segment's own scale
+            tail = flat[lo:hi].double() * self._slot_scales(buckets)[lo - body: hi - body]
+            self._check_range(tail, bound, counts)
+            np.add(acc[lo - a:], tail.round_().to(self.wire_dtype).numpy().view(unsigned),
+                   out=acc[lo - a:])
+        np.bitwise_and(acc, unsigned(self._ring_mask), out=acc)
+
+    @staticmethod
+    def _check_range(values: torch.Tensor, bound: float, counts: list[int]) -> None:
+        lo, hi = torch.aminmax(values)
+        # `not <=` is also true for NaN, so the slow path runs exactly when it is needed.
+        if not (-float(lo) <= bound and float(hi) <= bound):
+            finite = torch.isfinite(values)
+            counts[0] += int(values.numel() - finite.sum())
+            counts[1] += int((finite & (values.abs() > bound)).sum())
+            values.nan_to_num_(0.0, 0.0, 0.0).clamp_(-bound, bound)
+
+    def _decode_piece(self, buckets: list[torch.Tensor], piece: tuple[int, int, int]) -> None:
+        """Turn one piece of summed ring values back into floats in `buckets`, in place."""
+        i, a, z = piece
+        chunk = self._enc[i][a: a + z]
+        # Signed representative of (sum mod 2^k) by sign extension: torch's left shift works
+        # on the unsigned bit pattern (dropping bits above 2^k is defined) and its right shift
+        # of a signed tensor is arithmetic.
+        shift = self.wire_bits - self.ring_bits
+        chunk.bitwise_left_shift_(shift).bitwise_right_shift_(shift)
+        flat = buckets[i].view(-1)
+        # integer -> float32 is correctly rounded, and 1/scale is a power of two: exact.
+        torch.mul(chunk, 1.0 / self._scale(self.last_exponents[i]), out=flat[a: a + z])
+        total = flat.numel()
+        body = total - TAIL if i == len(buckets) - 1 else total
+        lo, hi = max(a, body), min(a + z, total)
+        if lo < hi:
+            flat[lo:hi] = chunk[lo - a:].double() / self._slot_scales(buckets)[lo - body:
+                                                                                hi - body]
+
+    def _cipher(self, peer: int, step: int, bucket: int, attempt: int = 0) -> CipherContext:
+        # AES-CTR keystream = encryption of zeros. The initial counter block is (step, attempt,
+        # bucket, 0), so no two (step, attempt, bucket) of a pair share keystream unless a
+        # bucket is longer than 2^32 AES blocks.
+        nonce = struct.pack(">QHHI", step, attempt, bucket, 0)
+        return Cipher(algorithms.AES(self._pair_keys[peer]), modes.CTR(nonce)).encryptor()
+
+    def pair_mask(self, peer: int, step: int, bucket: int, numel: int,
+                  attempt: int = 0) -> torch.Tensor | None:
+        """The mask this rank shares with `peer` for (step, bucket, attempt), or None if the
+        pair is not masked (same partner). For tests and audits, not the hot path."""
+        if peer not in self._pair_keys:
+            return None
+        stream = self._cipher(peer, step, bucket, attempt)
+        parts = []
+        for a in range(0, numel, CHUNK):
+            z = min(CHUNK, numel - a)
+            stream.update_into(self._zeros[: z * self.wire_dtype.itemsize], self._ks_bytes)
+            parts.append(self._ks[:z].bitwise_and(self._ring_mask))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=self.wire_dtype)
 
     def _reserve(self, buckets: list[torch.Tensor]) -> None:
         sizes = [b.numel() for b in buckets]
         sizes[-1] += STATUS_SLOTS
+        if sizes[-1] <= TAIL + STATUS_SLOTS:
+            raise ValueError(f"the last bucket must end in Replica's {TAIL} tail slots and hold "
+                             "gradients before them")
+        if len(sizes) >= 2**16:  # the bucket's field in the AES counter block is 16 bits
+            raise ValueError(f"{len(sizes)} buckets are too many; use larger buckets")
         if max(sizes) > _MAX_BUCKET:
             raise ValueError(f"a bucket of {max(sizes)} values is too long for one AES-CTR "
                              f"stream (at most {_MAX_BUCKET}); use smaller buckets")
-        if [e.numel() for e in self._enc] != sizes:
-            self._enc = [torch.empty(n, dtype=torch.int64) for n in sizes]
+        if [e.numel() for e in self._enc] != sizes or self._enc[0].dtype != self.wire_dtype:
+            self._enc = [torch.empty(n, dtype=self.wire_dtype) for n in sizes]
+
+
+def _segments(buckets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The values that share one scale: each bucket's gradients, then the tail's loss sum and
+    its sample counts (the last bucket ends in Replica's tail)."""
+    *front, last = [b.reshape(-1) for b in buckets]
+    return [*front, last[:-TAIL], last[-TAIL: -COUNT_SLOTS], last[-COUNT_SLOTS:]]
+
+
+def _exponent(values: torch.Tensor) -> tuple[int, int]:
+    """(e, non-finite count) with max |finite value| < 2^e; MIN_SCALE_EXPONENT for all zeros."""
+    lo, hi = torch.aminmax(values)
+    lo, hi, bad = float(lo), float(hi), 0
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # the slow path, only with NaN/Inf
+        finite = torch.isfinite(values)
+        bad = int(values.numel() - finite.sum())
+        kept = values[finite]
+        lo, hi = (float(kept.min()), float(kept.max())) if kept.numel() else (0.0, 0.0)
+    largest = max(-lo, hi)
+    if largest == 0.0:
+        return MIN_SCALE_EXPONENT, bad
+    return math.frexp(largest)[1], bad  # largest = f * 2^e with 0.5 <= f < 1

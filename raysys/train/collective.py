@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -57,16 +58,32 @@ class _Gloo:
                 raise CollectiveError(f"generation {generation}: {what} rendezvous of rank "
                                       f"{rank}/{world} failed: {exc}") from exc
 
-    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
-        """One batch of async all-reduce ops, each with the collective timeout."""
+    def start(self, tensors: list[torch.Tensor],
+              op: dist.ReduceOp = dist.ReduceOp.SUM) -> Callable[[], None]:
+        """Start reducing `tensors` in place (sums unless `op` says otherwise), one async op per
+        tensor; returns the function that waits for them, with the collective timeout. Failures
+        on either side become a CollectiveError."""
         try:
-            works = [self.pg.allreduce([t]) for t in tensors]
-            for w in works:
-                w.wait(self.timeout)
+            works = [self.pg.allreduce([t], op) for t in tensors]
         except RuntimeError as exc:
-            raise CollectiveError(
-                f"generation {self.generation}: all-reduce failed on rank {self.rank}: {exc}"
-            ) from exc
+            raise self._error(exc) from exc
+
+        def wait() -> None:
+            try:
+                for w in works:
+                    w.wait(self.timeout)
+            except RuntimeError as exc:
+                raise self._error(exc) from exc
+
+        return wait
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        """Sum `tensors` in place across the group."""
+        self.start(tensors)()
+
+    def _error(self, exc: RuntimeError) -> CollectiveError:
+        return CollectiveError(
+            f"generation {self.generation}: all-reduce failed on rank {self.rank}: {exc}")
 
     def bytes_sent(self, payload: int) -> int:
         """What a ring all-reduce of `payload` bytes sends from one rank: 2 (n-1)/n of it."""
@@ -129,12 +146,20 @@ class GenerationGroup:
         if self._delay_s:
             time.sleep(self._delay_s)
         if self._secure is not None:
-            self._secure.all_reduce_sum(self._global.all_reduce, buckets, step)
-            payload = sum(b.numel() for b in buckets) * 8  # int64 ring elements on the wire
+            agg = self._secure
+            agg.all_reduce_sum(self._global.start, buckets, step)
+            # Ring words on the wire, plus the scale agreement (one int64 per segment).
+            payload = (sum(b.numel() for b in buckets) * agg.wire_dtype.itemsize
+                       + 8 * (len(agg.last_exponents) + 1))
         else:
             self._global.all_reduce(buckets)
             payload = sum(b.numel() * b.element_size() for b in buckets)
         return self._global.bytes_sent(payload)
+
+    @property
+    def masked_peers(self) -> tuple[int, ...]:
+        """Ranks this worker masks its contribution with (none without secure aggregation)."""
+        return self._secure.masked_peers if self._secure is not None else ()
 
     def partner_all_reduce_sum(self, buckets: list[torch.Tensor]) -> int:
         """Sum across this worker's own partner only (local SGD steps); returns bytes sent."""
