@@ -42,7 +42,11 @@ class LocalCluster:
                  metrics_port: int | None = None) -> LocalCluster:
         from ray.cluster_utils import Cluster
 
-        head_args: dict[str, Any] = {"num_cpus": 1, "include_dashboard": True}
+        # The agent's port is left to Ray (None), as Cluster does for its other nodes: the fixed
+        # default would clash with another local cluster on this host (a second job, a test
+        # cluster), and a raylet whose agent cannot start exits.
+        head_args: dict[str, Any] = {"num_cpus": 1, "include_dashboard": True,
+                                     "dashboard_agent_listen_port": None}
         if metrics_port:
             head_args["metrics_export_port"] = metrics_port
         cluster = Cluster(initialize_head=True, head_node_args=head_args)

@@ -94,7 +94,9 @@ def write_config(work: Path, name: str, steps: int, **extra) -> str:
         "global_batch_size": 16, "steps": steps, "num_classes": 3,
         "partners": [{"name": p, "data": {"path": f"data/{p}.parquet"}, "cpus_per_worker": 0.25,
                       "workers": {"initial": 1, "min": 1, "max": 1}} for p in ("alpha", "beta")],
-        "agent": {"policy": "static"}, "runtime": {"steps_per_call": 5},
+        # A real agent per job (threshold: no checkpoint to load), so that two jobs at once
+        # also means two agents at once; min = max leaves it nothing to change.
+        "agent": {"policy": "threshold", "interval_s": 1}, "runtime": {"steps_per_call": 5},
         **extra,
     }
     path = work / f"{name}.yaml"
@@ -153,12 +155,19 @@ def test_broken_config_fails_with_the_validation_message(head):
 
 
 def test_two_jobs_at_once_and_ray_job_stop_leaves_nothing_behind(head):
-    """A long job runs while `raysys submit --wait` runs a short one to the end beside it: the
-    short one SUCCEEDS with its summary in its logs, the long one goes on undisturbed, and
-    `ray job stop` then leaves no actor or placement group of either behind."""
+    """A long job runs while `raysys submit --wait` runs a short one to the end beside it: each
+    has its own controller and agent, the short one SUCCEEDS with its summary in its logs, the
+    long one goes on with the same workers, and `ray job stop` then leaves no actor or
+    placement group of either behind."""
     client = head["client"]
     long_id = raysys_submit(head, write_config(head["work"], "long", steps=100_000)
                             ).stdout.strip()
+    long_actors = {"raysys:long:controller", "raysys:long:agent", "raysys:long:alpha:0",
+                   "raysys:long:beta:0"}
+    deadline = time.time() + 180
+    while not long_actors <= set(_alive_raysys_actors(head)):
+        assert time.time() < deadline, _alive_raysys_actors(head)
+        time.sleep(1)
     short = raysys_submit(head, write_config(head["work"], "short", steps=40), "--wait",
                           "--timeout", "240")
     assert short.returncode == 0, short.stdout + short.stderr
@@ -168,9 +177,12 @@ def test_two_jobs_at_once_and_ray_job_stop_leaves_nothing_behind(head):
     logs = client.get_job_logs(short_id)
     assert "raysys job 'short' finished" in logs and "raysys:long" not in logs
     assert "partner alpha" in logs and "partner beta" in logs  # the summary's ledger rows
+    assert "agent policy" in logs and "threshold" in logs  # the short job's own agent
     assert logs in short.stdout  # --wait printed them
     alive = _alive_raysys_actors(head)
-    assert any(a.startswith("raysys:long:") for a in alive), alive
+    # The long job's controller, agent and workers are the very ones from before: same names
+    # (a replaced worker would get a new index), nothing of the short job's left.
+    assert long_actors == {a for a in alive if a.startswith("raysys:long:")}, alive
     # `raysys status` from another client, through the token-authenticated GCS.
     status = subprocess.run([str(BIN / "raysys"), "status", "long", "--address", head["gcs"]],
                             env=head["env"], capture_output=True, text=True, timeout=120)

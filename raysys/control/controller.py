@@ -68,6 +68,7 @@ class JobController:
         self.ledger = Ledger([p.name for p in self.spec.partners], self.spec.name)
         self.decisions: queue.Queue[tuple[float, Decision]] = queue.Queue()
         self.rescales: list[RescaleEvent] = []
+        self._deaths_counted: set[str] = set()  # members whose death the ledger holds
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
         self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
         self.losses: deque[float] = deque(maxlen=20)
@@ -253,6 +254,7 @@ class JobController:
             self.resumed_from = ckpt.step
             self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
         self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
+        self._count_deaths()
         self._export_worker_counts()
         self._t_first_step = time.time() - self.t_start
         self._set_state(JobState.RUNNING)
@@ -470,10 +472,7 @@ class JobController:
         event = RescaleEvent("recovery", f"lost {', '.join(lost) or 'a collective'}", time.time())
         for member_id in lost:
             self.group.mark_dead(member_id)
-            partner = self.group.members[member_id].partner
-            self.ledger.record_failure(partner)
-            self.record.add("failure", self.step, worker=member_id)
-            self._log(f"worker {member_id} died at step {self.step}")
+        self._count_deaths()
         for p in self.spec.partners:  # a warm spare takes a lost worker's place at once
             missing = p.workers.min - len(self.group.active(p.name))
             for spare in self.group.with_state(MemberState.SPARE, p.name)[:max(0, missing)]:
@@ -491,11 +490,24 @@ class JobController:
                 self._log(f"partner {p.name} has no live worker: its samples are skipped")
         self._set_state(JobState.RUNNING)
 
+    def _count_deaths(self) -> None:
+        """Put every member that died into the ledger once, however its death was found: a
+        failed call (_recover) or a re-formation after a decision, which finds a worker on a
+        lost node dead before any step call does."""
+        for m in self.group.members.values():
+            if m.died and m.id not in self._deaths_counted:
+                self._deaths_counted.add(m.id)
+                self.ledger.record_failure(m.partner)
+                self.record.add("failure", self.step, worker=m.id)
+                self._log(f"worker {m.id} died at step {self.step}")
+
     def _reform(self, event: RescaleEvent) -> None:
         try:
             self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
         except GroupError as exc:
             raise GroupError(f"cannot go on at step {self.step}: {exc}") from exc
+        finally:
+            self._count_deaths()
         event.t_ready, event.step = time.time(), self.step
         self.rescales.append(event)
         self._open_events.append(event)
