@@ -203,13 +203,15 @@ def test_training_through_generation_group_matches_plain() -> None:
     def train(rank: int, secure: bool, generation: int, replica: Replica) -> torch.Tensor:
         group = GenerationGroup(generation, rank, 2, *server.address, TIMEOUT_S, partners,
                                 secure=secure)
-        for _ in range(4):
+        values = sum(b.numel() for b in replica.buckets)
+        for step in range(4):
             replica.local_gradients(*data[rank])
             sent = group.all_reduce_sum(replica.buckets, replica.step)
-            # A 32-bit wire: the plain float bytes, plus the scale agreement's few int64.
-            values = sum(b.numel() for b in replica.buckets)
-            extra = 8 * (len(replica.buckets) + 3) if secure else 0
-            assert sent == group._global.bytes_sent(4 * values + extra)
+            # A 32-bit wire: the plain float bytes plus 2 status words, and on a generation's
+            # first step the scale agreement (one int64 per segment).
+            extra = (4 * STATUS_SLOTS + (8 * (len(replica.buckets) + 2) if step == 0 else 0)
+                     if secure else 0)
+            assert sent == int(2 * (2 - 1) / 2 * (4 * values + extra))
             assert replica.apply()[1] == 11
         return replica.flat_parameters()
 

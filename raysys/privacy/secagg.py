@@ -194,6 +194,7 @@ class SecureAggregator:
         self._next_exponents: list[int] | None = None  # from the last aggregate; None: agree
         self.agreements = 0  # steps that ran the scale agreement (a generation's first, redos)
         self.redone_steps = 0  # steps re-sent at agreed scales after a cached scale overflowed
+        self.last_payload_bytes = 0  # what the last step all-reduced: ring words, agreements
         self._enc: list[torch.Tensor] = []  # the encoded buckets, reused every step
         self._scratch = torch.empty(CHUNK, dtype=torch.float32)
         self._zeros = memoryview(bytes(CHUNK * 8))
@@ -338,6 +339,7 @@ class SecureAggregator:
             return
         if not self.masking:
             start(buckets)()
+            self.last_payload_bytes = sum(b.numel() * b.element_size() for b in buckets)
             return
         if step in self._masked_steps:
             raise MaskReuseError(
@@ -345,6 +347,7 @@ class SecureAggregator:
                 "re-run it in a new generation (re-keyed) instead")
         self._masked_steps.add(step)
         self._reserve(buckets)
+        self.last_payload_bytes = 0
         if self._next_exponents is None:
             self._send(start, buckets, step, attempt=0, agree=True)
         else:
@@ -383,12 +386,14 @@ class SecureAggregator:
             agreed = torch.tensor([e for e, _ in map(_exponent, _segments(buckets))],
                                   dtype=torch.int64)
             wait_for_agreement = start([agreed], dist.ReduceOp.MAX)
+            self.last_payload_bytes += agreed.numel() * agreed.element_size()
         self._draw_masks(step, attempt)
         if wait_for_agreement is not None:
             wait_for_agreement()
             self.last_exponents = agreed.tolist()
         self._encode_all(buckets)
         start(self._enc)()
+        self.last_payload_bytes += sum(e.numel() * e.element_size() for e in self._enc)
 
     def _status(self) -> list[int]:
         """The summed [non-finite count, overflow count] of the last attempt."""

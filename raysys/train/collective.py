@@ -146,11 +146,8 @@ class GenerationGroup:
         if self._delay_s:
             time.sleep(self._delay_s)
         if self._secure is not None:
-            agg = self._secure
-            agg.all_reduce_sum(self._global.start, buckets, step)
-            # Ring words on the wire, plus the scale agreement (one int64 per segment).
-            payload = (sum(b.numel() for b in buckets) * agg.wire_dtype.itemsize
-                       + 8 * (len(agg.last_exponents) + 1))
+            self._secure.all_reduce_sum(self._global.start, buckets, step)
+            payload = self._secure.last_payload_bytes
         else:
             self._global.all_reduce(buckets)
             payload = sum(b.numel() * b.element_size() for b in buckets)
