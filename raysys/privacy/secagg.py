@@ -192,7 +192,6 @@ class SecureAggregator:
         self.last_nonfinite = 0  # NaN/Inf values in the last step, whole group
         self.last_exponents: list[int] = []  # the exponent per segment the last step used
         self._next_exponents: list[int] | None = None  # from the last aggregate; None: agree
-        self.agreements = 0  # steps that ran the scale agreement (a generation's first, redos)
         self.redone_steps = 0  # steps re-sent at agreed scales after a cached scale overflowed
         self.last_payload_bytes = 0  # what the last step all-reduced: ring words, agreements
         self._enc: list[torch.Tensor] = []  # the encoded buckets, reused every step
@@ -349,18 +348,18 @@ class SecureAggregator:
         self._reserve(buckets)
         self.last_payload_bytes = 0
         if self._next_exponents is None:
-            self._send(start, buckets, step, attempt=0, agree=True)
+            status = self._send(start, buckets, step, attempt=0, agree=True)
         else:
             self.last_exponents = self._next_exponents
-            self._send(start, buckets, step, attempt=0, agree=False)
-            if self._status()[1]:
+            status = self._send(start, buckets, step, attempt=0, agree=False)
+            if status[1]:
                 # A rank's value outgrew the cached scale (it was clamped, so nothing wrapped):
                 # send the step again at agreed scales, under fresh masks (attempt 1), before
                 # anything is decoded. Every rank sees the same status, so all redo it.
                 self.redone_steps += 1
                 log.debug("secure aggregation: step %d redone at agreed scales", step)
-                self._send(start, buckets, step, attempt=1, agree=True)
-        self.last_nonfinite = self._status()[0]
+                status = self._send(start, buckets, step, attempt=1, agree=True)
+        self.last_nonfinite = status[0]
         for piece in self._pieces(buckets):
             self._decode_piece(buckets, piece)
         if self.last_nonfinite:
@@ -373,18 +372,17 @@ class SecureAggregator:
             self._next_exponents = None
         else:
             self._next_exponents = [e + HEADROOM_BITS if e > MIN_SCALE_EXPONENT else e
-                                    for e, _ in map(_exponent, _segments(buckets))]
+                                    for e in _exponents(buckets)]
 
     def _send(self, start: StartAllReduce, buckets: list[torch.Tensor], step: int,
-              attempt: int, agree: bool) -> None:
-        """Mask, encode and sum one attempt of a step; with `agree`, at scales agreed now."""
+              attempt: int, agree: bool) -> list[int]:
+        """Mask, encode and sum one attempt of a step; with `agree`, at scales agreed now.
+        Returns the group's [non-finite count, overflow count] of the attempt."""
         wait_for_agreement = None
         if agree:
             # The masks do not depend on the values: they are drawn while the agreement is on
             # the wire, which hides its latency behind the AES work.
-            self.agreements += 1
-            agreed = torch.tensor([e for e, _ in map(_exponent, _segments(buckets))],
-                                  dtype=torch.int64)
+            agreed = torch.tensor(_exponents(buckets), dtype=torch.int64)
             wait_for_agreement = start([agreed], dist.ReduceOp.MAX)
             self.last_payload_bytes += agreed.numel() * agreed.element_size()
         self._draw_masks(step, attempt)
@@ -394,12 +392,18 @@ class SecureAggregator:
         self._encode_all(buckets)
         start(self._enc)()
         self.last_payload_bytes += sum(e.numel() * e.element_size() for e in self._enc)
+        return self._status()
 
     def _status(self) -> list[int]:
         """The summed [non-finite count, overflow count] of the last attempt."""
-        status = self._enc[-1][-STATUS_SLOTS:].clone()
+        return self._signed_(self._enc[-1][-STATUS_SLOTS:].clone()).tolist()
+
+    def _signed_(self, summed: torch.Tensor) -> torch.Tensor:
+        """In place: the signed representative of (sum mod 2^k), by sign extension. torch's
+        left shift works on the unsigned bit pattern (dropping bits above 2^k is defined) and
+        its right shift of a signed tensor is arithmetic."""
         shift = self.wire_bits - self.ring_bits
-        return status.bitwise_left_shift_(shift).bitwise_right_shift_(shift).tolist()
+        return summed.bitwise_left_shift_(shift).bitwise_right_shift_(shift)
 
     def _scale(self, exponent: int) -> float:
         # |x| < 2^e  =>  |x * 2^(P - e)| <= 2^P: a sum of `world` of them cannot leave the ring.
@@ -509,12 +513,7 @@ class SecureAggregator:
     def _decode_piece(self, buckets: list[torch.Tensor], piece: tuple[int, int, int]) -> None:
         """Turn one piece of summed ring values back into floats in `buckets`, in place."""
         i, a, z = piece
-        chunk = self._enc[i][a: a + z]
-        # Signed representative of (sum mod 2^k) by sign extension: torch's left shift works
-        # on the unsigned bit pattern (dropping bits above 2^k is defined) and its right shift
-        # of a signed tensor is arithmetic.
-        shift = self.wire_bits - self.ring_bits
-        chunk.bitwise_left_shift_(shift).bitwise_right_shift_(shift)
+        chunk = self._signed_(self._enc[i][a: a + z])
         flat = buckets[i].view(-1)
         # integer -> float32 is correctly rounded, and 1/scale is a power of two: exact.
         torch.mul(chunk, 1.0 / self._scale(self.last_exponents[i]), out=flat[a: a + z])
@@ -568,16 +567,17 @@ def _segments(buckets: list[torch.Tensor]) -> list[torch.Tensor]:
     return [*front, last[:-TAIL], last[-TAIL: -COUNT_SLOTS], last[-COUNT_SLOTS:]]
 
 
-def _exponent(values: torch.Tensor) -> tuple[int, int]:
-    """(e, non-finite count) with max |finite value| < 2^e; MIN_SCALE_EXPONENT for all zeros."""
-    lo, hi = torch.aminmax(values)
-    lo, hi, bad = float(lo), float(hi), 0
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # the slow path, only with NaN/Inf
-        finite = torch.isfinite(values)
-        bad = int(values.numel() - finite.sum())
-        kept = values[finite]
-        lo, hi = (float(kept.min()), float(kept.max())) if kept.numel() else (0.0, 0.0)
-    largest = max(-lo, hi)
-    if largest == 0.0:
-        return MIN_SCALE_EXPONENT, bad
-    return math.frexp(largest)[1], bad  # largest = f * 2^e with 0.5 <= f < 1
+def _exponents(buckets: list[torch.Tensor]) -> list[int]:
+    """Per segment, the e with max |finite value| < 2^e (MIN_SCALE_EXPONENT for all zeros).
+    Non-finite values are left out here; encoding counts them."""
+    out = []
+    for values in _segments(buckets):
+        lo, hi = torch.aminmax(values)
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # the slow path, only with NaN/Inf
+            kept = values[torch.isfinite(values)]
+            lo, hi = (float(kept.min()), float(kept.max())) if kept.numel() else (0.0, 0.0)
+        largest = max(-lo, hi)
+        # largest = f * 2^e with 0.5 <= f < 1
+        out.append(math.frexp(largest)[1] if largest else MIN_SCALE_EXPONENT)
+    return out
