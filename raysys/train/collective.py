@@ -77,9 +77,10 @@ class _Gloo:
 
         return wait
 
-    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
-        """Sum `tensors` in place across the group."""
+    def all_reduce(self, tensors: list[torch.Tensor]) -> int:
+        """Sum `tensors` in place across the group; returns the bytes this rank sent."""
         self.start(tensors)()
+        return self.bytes_sent(sum(t.numel() * t.element_size() for t in tensors))
 
     def _error(self, exc: RuntimeError) -> CollectiveError:
         return CollectiveError(
@@ -147,11 +148,8 @@ class GenerationGroup:
             time.sleep(self._delay_s)
         if self._secure is not None:
             self._secure.all_reduce_sum(self._global.start, buckets, step)
-            payload = self._secure.last_payload_bytes
-        else:
-            self._global.all_reduce(buckets)
-            payload = sum(b.numel() * b.element_size() for b in buckets)
-        return self._global.bytes_sent(payload)
+            return self._global.bytes_sent(self._secure.last_payload_bytes)
+        return self._global.all_reduce(buckets)
 
     @property
     def masked_peers(self) -> tuple[int, ...]:
@@ -162,8 +160,7 @@ class GenerationGroup:
         """Sum across this worker's own partner only (local SGD steps); returns bytes sent."""
         if self._local is None or self._local.pg is None:
             return 0
-        self._local.all_reduce(buckets)
-        return self._local.bytes_sent(sum(b.numel() * b.element_size() for b in buckets))
+        return self._local.all_reduce(buckets)
 
     def close(self) -> None:
         self._global = None
