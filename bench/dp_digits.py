@@ -21,11 +21,10 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
 import yaml  # noqa: E402
 
 from raysys.data.demo import write_digits_demo  # noqa: E402
-from raysys.runner import connect, run_job  # noqa: E402
+from raysys.runner import attached, run_job  # noqa: E402
 from raysys.spec import JobSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +66,7 @@ def main() -> int:
         data = Path(tmp) / "digits"
         write_digits_demo(data)
         first = job(data, tmp, args, "dp-none", None)
-        local = connect(first, None)
-        try:
+        with attached(first, None):
             for eps in [None, *epsilons]:
                 dp = None if eps is None else {"target_epsilon": eps, "max_grad_norm": args.clip,
                                                "delta": 1e-5}
@@ -82,10 +80,6 @@ def main() -> int:
                 label = "non-private" if eps is None else f"epsilon {eps:g}"
                 worst = "" if eps is None else f" (spent at most {max(spent.values()):.2f})"
                 print(f"{label:>14}: held-out accuracy {acc:.3f}{worst}", flush=True)
-        finally:
-            ray.shutdown()
-            if local is not None:
-                local.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "clip": args.clip,
                                           "hidden": args.hidden, "lr": args.lr,

@@ -61,21 +61,15 @@ def run(
 ) -> None:
     """run a job spec (YAML) to the end"""
     from raysys.data.sources import DataError
-    from raysys.runner import connect, run_job
+    from raysys.runner import attached, run_job
     from raysys.spec import load_spec
 
     spec = load_spec(config)  # before Ray starts: a bad spec costs nothing
-    local = connect(spec, address)
-    try:
-        run_job(spec, resume=resume, quiet=quiet, summary_path=summary, run_dir=run_dir)
-    except (ConfigError, DataError) as exc:
-        fail(exc)
-    finally:
-        import ray
-
-        ray.shutdown()
-        if local is not None:
-            local.shutdown()
+    with attached(spec, address):
+        try:
+            run_job(spec, resume=resume, quiet=quiet, summary_path=summary, run_dir=run_dir)
+        except (ConfigError, DataError) as exc:
+            fail(exc)
 
 
 @app.command()
@@ -127,24 +121,18 @@ def profile(
     import ray
 
     from raysys.profile import profile as measure
-    from raysys.runner import connect
+    from raysys.progress import progress
+    from raysys.runner import attached
     from raysys.spec import check_against_cluster, load_spec
 
     spec = load_spec(config)
     counts = _int_list(workers, "--workers")
     batches = _int_list(local_batches, "--local-batches")
-    local = connect(spec, address)
-    try:
+    with attached(spec, address):
         check_against_cluster(spec, ray.nodes())
-        from raysys.progress import progress
-
         with progress("profile", len(counts) * len(batches)) as log:
             path = measure(spec, counts, batches, steps, warmup, out, log)
-        print(f"wrote {path}; fit it with: raysys agent fit {path}")
-    finally:
-        ray.shutdown()
-        if local is not None:
-            local.shutdown()
+    print(f"wrote {path}; fit it with: raysys agent fit {path}")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

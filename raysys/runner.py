@@ -11,6 +11,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,15 +73,22 @@ class LocalCluster:
         self.cluster.shutdown()
 
 
-def connect(spec: JobSpec, address: str | None) -> LocalCluster | None:
-    """Join the given/ambient cluster, or start a local labelled one when there is none."""
+@contextmanager
+def attached(spec: JobSpec, address: str | None) -> Iterator[None]:
+    """Join the given/ambient cluster, or start a local labelled one when there is none; on
+    leaving, disconnect and stop the local cluster if one was started."""
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    local = None
+    if not address:
+        local = LocalCluster.for_spec(spec, metrics_port=spec.runtime.metrics_export_port)
+        address = local.address
+    try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-        return None
-    local = LocalCluster.for_spec(spec, metrics_port=spec.runtime.metrics_export_port)
-    ray.init(address=local.address, namespace=NAMESPACE, log_to_driver=False)
-    return local
+        yield
+    finally:
+        ray.shutdown()
+        if local is not None:
+            local.shutdown()
 
 
 def default_run_dir(spec: JobSpec) -> Path:
