@@ -80,10 +80,12 @@ SecAggSetupError (a CollectiveError) naming the missing ranks when `timeout_s` p
 that died between the plan and the rendezvous fails the join instead of hanging it. A peer lost
 in the middle of a step makes the integer all-reduce fail as it would without masks.
 
-Cost per step and worker: per masked peer one AES keystream and an add; encode (scale, range
-check, round, convert, add); decode (sign extension, convert and scale); one pass for the next
-step's exponents; all run chunk by chunk (CHUNK values at a time) so that the chain stays in
-cache. On the 32-bit wire the all-reduce moves the bytes of the plain one.
+Cost per step and worker: per masked peer one AES keystream (the first written straight into the
+send buffer, the others added on unsigned views); one encode pass (scale, range check, clamp,
+round, convert, add to the masks, reduce: raysys.privacy.ringcodec.encode_into) run on each
+CHUNK right after its masks, while both are in cache; one decode pass after the sum (reduce,
+sign, convert, scale, and the peak that sets the next step's scale: decode_into). On the 32-bit
+wire the all-reduce moves the bytes of the plain one.
 Masking work grows with the number of cross-partner peers, so the overhead is highest when every
 worker is its own partner. See bench/secagg_overhead.py.
 
@@ -112,6 +114,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from raysys.privacy.ringcodec import decode_into, encode_into
 from raysys.train.collective import CollectiveError
 from raysys.train.replica import TAIL
 
@@ -124,10 +127,10 @@ MIN_SCALE_EXPONENT, MAX_SCALE_EXPONENT = -126, 126  # 2^(P - e) stays a normal f
 # counts get scales of their own, so a large loss cannot coarsen the gradients' scale and the
 # counts stay exact integers.
 COUNT_SLOTS = TAIL - 1
-# Elements per cache block: every step of encode -> mask -> reduce runs on one block (1-2 MiB of
-# ring words plus as much keystream) while it is in cache, instead of ~3 passes per masked peer
-# over the whole bucket from memory. Measured ~25-45% less time than whole-bucket passes here.
-CHUNK = 1 << 18
+# Elements per cache block: a block's masks are drawn and its values encoded while it is in cache
+# (512 KiB of ring words, as much keystream and the floats). Of 2^14-2^18, 2^17 was fastest here
+# for a 1M-value bucket: 1.97 ms a step against 2.55 ms at 2^18 and 2.27 ms at 2^14.
+CHUNK = 1 << 17
 _PUBKEY_BYTES = 32
 _MAX_BUCKET = 2**33  # 2^32 AES blocks of 8 bytes or more: the counter's low word must not wrap
 _UNSIGNED = {torch.int32: np.uint32, torch.int64: np.uint64}  # views for modular arithmetic
@@ -195,7 +198,8 @@ class SecureAggregator:
         self.redone_steps = 0  # steps re-sent at agreed scales after a cached scale overflowed
         self.last_payload_bytes = 0  # what the last step all-reduced: ring words, agreements
         self._enc: list[torch.Tensor] = []  # the encoded buckets, reused every step
-        self._scratch = torch.empty(CHUNK, dtype=torch.float32)
+        self._enc_bytes: list[memoryview] = []  # their bytes, with room for update_into
+        self._flip = 0  # -1 when the first masked peer's mask is subtracted (see _mask)
         self._zeros = memoryview(bytes(CHUNK * 8))
         self._ring(64 if wire_bits == 64 else 32, 2)
 
@@ -206,6 +210,8 @@ class SecureAggregator:
         self.ring_bits = wire_bits - 1 - world.bit_length()
         self.precision_bits = self.ring_bits - 1 - world.bit_length()
         self._ring_mask = (1 << self.ring_bits) - 1
+        self._word = np.int32 if wire_bits == 32 else np.int64  # the kernels' integer scalars
+        self._bound = np.float32(2**self.precision_bits)  # |encoded value| <= 2^P
         # update_into wants room for one AES block (16 bytes) beyond the data.
         self._ks = torch.empty(CHUNK + 16 // self.wire_dtype.itemsize, dtype=self.wire_dtype)
         self._ks_bytes = memoryview(self._ks.numpy()).cast("B")
@@ -239,6 +245,8 @@ class SecureAggregator:
         except BaseException:
             self.close()  # never leave half a key set behind: sums would silently be wrong
             raise
+        # The first masked peer's mask goes into the buffer as is; its sign is applied last.
+        self._flip = -1 if self.masking and self.masked_peers[0] < rank else 0
 
     def _agree_keys(self, store: dist.Store, private_key: X25519PrivateKey,
                     timeout_s: float) -> None:
@@ -360,8 +368,7 @@ class SecureAggregator:
                 log.debug("secure aggregation: step %d redone at agreed scales", step)
                 status = self._send(start, buckets, step, attempt=1, agree=True)
         self.last_nonfinite = status[0]
-        for piece in self._pieces(buckets):
-            self._decode_piece(buckets, piece)
+        exponents = self._decode(buckets)
         if self.last_nonfinite:
             # Mirror the plain float path: a NaN/Inf gradient poisons the step. The sample
             # counts (the end of Replica's tail) stay valid so apply() and the reports work.
@@ -372,38 +379,33 @@ class SecureAggregator:
             self._next_exponents = None
         else:
             self._next_exponents = [e + HEADROOM_BITS if e > MIN_SCALE_EXPONENT else e
-                                    for e in _exponents(buckets)]
+                                    for e in exponents]
 
     def _send(self, start: StartAllReduce, buckets: list[torch.Tensor], step: int,
               attempt: int, agree: bool) -> list[int]:
         """Mask, encode and sum one attempt of a step; with `agree`, at scales agreed now.
         Returns the group's [non-finite count, overflow count] of the attempt."""
-        wait_for_agreement = None
         if agree:
             # The masks do not depend on the values: they are drawn while the agreement is on
             # the wire, which hides its latency behind the AES work.
             agreed = torch.tensor(_exponents(buckets), dtype=torch.int64)
             wait_for_agreement = start([agreed], dist.ReduceOp.MAX)
             self.last_payload_bytes += agreed.numel() * agreed.element_size()
-        self._draw_masks(step, attempt)
-        if wait_for_agreement is not None:
+            self._mask(step, attempt)
             wait_for_agreement()
             self.last_exponents = agreed.tolist()
-        self._encode_all(buckets)
+            out_of_range = self._encode_bodies(buckets, self._flip)
+        else:
+            out_of_range = self._mask(step, attempt, buckets)
+        self._encode_tail(buckets, self._flip, out_of_range)
         start(self._enc)()
         self.last_payload_bytes += sum(e.numel() * e.element_size() for e in self._enc)
-        return self._status()
+        return [self._signed(x) for x in self._enc[-1][-STATUS_SLOTS:].tolist()]
 
-    def _status(self) -> list[int]:
-        """The summed [non-finite count, overflow count] of the last attempt."""
-        return self._signed_(self._enc[-1][-STATUS_SLOTS:].clone()).tolist()
-
-    def _signed_(self, summed: torch.Tensor) -> torch.Tensor:
-        """In place: the signed representative of (sum mod 2^k), by sign extension. torch's
-        left shift works on the unsigned bit pattern (dropping bits above 2^k is defined) and
-        its right shift of a signed tensor is arithmetic."""
-        shift = self.wire_bits - self.ring_bits
-        return summed.bitwise_left_shift_(shift).bitwise_right_shift_(shift)
+    def _signed(self, word: int) -> int:
+        """The signed representative of (word mod 2^k)."""
+        word &= self._ring_mask
+        return word - (1 << self.ring_bits) if word >> (self.ring_bits - 1) else word
 
     def _scale(self, exponent: int) -> float:
         # |x| < 2^e  =>  |x * 2^(P - e)| <= 2^P: a sum of `world` of them cannot leave the ring.
@@ -417,112 +419,116 @@ class SecureAggregator:
         self._reserve(buckets)
         for e in self._enc:
             e.zero_()
-        self._encode_all(buckets)
+        self._encode_tail(buckets, 0, self._encode_bodies(buckets, 0))
         return self._enc
 
-    def _draw_masks(self, step: int, attempt: int) -> None:
+    def _mask(self, step: int, attempt: int, buckets: list[torch.Tensor] | None = None) -> bool:
         """Fill the encoding buffers with this rank's mask sum for (step, attempt): + m_ij for
         every peer j above this rank, - m_ij below, so every pair cancels in the group's sum.
+        With `buckets`, also encode each piece of gradients right after its masks, while both
+        are in cache; returns whether a value was out of range (see _encode_bodies).
 
-        The arithmetic runs on unsigned views of the buffers, where numpy defines addition
-        modulo 2^W: the sum is exact modulo 2^k (2^k divides 2^W) with no reduction per peer,
-        and no signed overflow anywhere."""
+        The first peer's keystream is written straight into the buffer; the others are added
+        on unsigned views, where numpy defines addition modulo 2^W (2^k divides 2^W, so no
+        reduction per peer), with the sign relative to the first peer's; encode_into applies
+        the first peer's sign (self._flip) to the whole sum."""
         width = self.wire_dtype.itemsize
         unsigned = _UNSIGNED[self.wire_dtype]
         keystream = self._ks.numpy().view(unsigned)
+        first_adds = self.masked_peers[0] > self.rank
+        out_of_range = False
         for i, e in enumerate(self._enc):
-            acc = e.numpy().view(unsigned)
+            acc = e.numpy()
+            acc_unsigned = acc.view(unsigned)
             # One AES-CTR stream per peer and bucket; successive update_into calls continue it.
-            streams = [(self._cipher(j, step, i, attempt), j > self.rank)
-                       for j in self.masked_peers]
+            first, *rest = [(self._cipher(j, step, i, attempt), (j > self.rank) == first_adds)
+                            for j in self.masked_peers]
+            body = self._body(buckets, i) if buckets is not None else 0
             for a in range(0, acc.size, CHUNK):
                 z = min(CHUNK, acc.size - a)
-                block, ks = acc[a: a + z], keystream[:z]
-                for n, (stream, add) in enumerate(streams):
+                first[0].update_into(self._zeros[: z * width], self._enc_bytes[i][a * width:])
+                for stream, same_sign in rest:
                     stream.update_into(self._zeros[: z * width], self._ks_bytes)
-                    if n == 0:
-                        np.copyto(block, ks) if add else np.negative(ks, out=block)
-                    elif add:
-                        np.add(block, ks, out=block)
-                    else:
-                        np.subtract(block, ks, out=block)
-
-    def _pieces(self, buckets: list[torch.Tensor]) -> list[tuple[int, int, int]]:
-        """(bucket, start, length) of CHUNK values at most: the units encoded and decoded while
-        they are in cache."""
-        return [(i, a, min(CHUNK, b.numel() - a))
-                for i, b in enumerate(buckets) for a in range(0, b.numel(), CHUNK)]
-
-    def _slot_scales(self, buckets: list[torch.Tensor]) -> torch.Tensor:
-        """The scale of every value of the last bucket's tail: the loss sum's, then the
-        counts'."""
-        base = len(buckets) - 1
-        return torch.tensor([self._scale(self.last_exponents[base + 1])]
-                            + [self._scale(self.last_exponents[base + 2])] * COUNT_SLOTS,
-                            dtype=torch.float64)
-
-    def _encode_all(self, buckets: list[torch.Tensor]) -> None:
-        """Add the fixed-point encoding of `buckets` at last_exponents' scales, and the status
-        counts, to the buffers (which hold the masks, or zeros); reduce them into the ring."""
-        counts = [0, 0]  # non-finite, overflowed
-        for piece in self._pieces(buckets):
-            self._encode_piece(buckets, piece, counts)
-        unsigned = _UNSIGNED[self.wire_dtype]
-        status = self._enc[-1].numpy().view(unsigned)[-STATUS_SLOTS:]
-        np.add(status, np.array(counts, dtype=unsigned), out=status)
-        np.bitwise_and(status, unsigned(self._ring_mask), out=status)
-
-    def _encode_piece(self, buckets: list[torch.Tensor], piece: tuple[int, int, int],
-                      counts: list[int]) -> None:
-        """Add one piece's encoding to its buffer and reduce it into the ring [0, 2^k). A value
-        beyond the scale's range (a cached scale that was too small) is clamped and counted,
-        a NaN/Inf encoded as 0 and counted."""
-        i, a, z = piece
-        unsigned = _UNSIGNED[self.wire_dtype]
-        flat = buckets[i].reshape(-1)
-        total = flat.numel()
-        body = total - TAIL if i == len(buckets) - 1 else total
-        acc = self._enc[i].numpy().view(unsigned)[a: a + z]
-        bound = float(2**self.precision_bits)
-        m = min(a + z, body) - a  # gradient values in this piece; the tail's slots follow
-        if m > 0:
-            values = torch.mul(flat[a: a + m], self._scale(self.last_exponents[i]),
-                               out=self._scratch[:m])
-            self._check_range(values, bound, counts)
-            fixed = self._ks[:m]  # the keystream buffer is free once the masks are drawn
-            fixed.copy_(values.round_())  # exact: |values| <= 2^P
-            np.add(acc[:m], fixed.numpy().view(unsigned), out=acc[:m])
-        lo, hi = max(a, body), min(a + z, total)
-        if lo < hi:  # slots of the tail, each at its segment's own scale
-            tail = flat[lo:hi].double() * self._slot_scales(buckets)[lo - body: hi - body]
-            self._check_range(tail, bound, counts)
-            np.add(acc[lo - a:], tail.round_().to(self.wire_dtype).numpy().view(unsigned),
-                   out=acc[lo - a:])
-        np.bitwise_and(acc, unsigned(self._ring_mask), out=acc)
+                    combine = np.add if same_sign else np.subtract
+                    combine(acc_unsigned[a: a + z], keystream[:z], out=acc_unsigned[a: a + z])
+                if a < body:
+                    out_of_range |= self._encode(buckets[i].view(-1)[a: min(a + z, body)],
+                                                 acc[a: a + z], self.last_exponents[i],
+                                                 self._flip)
+        return out_of_range
 
     @staticmethod
-    def _check_range(values: torch.Tensor, bound: float, counts: list[int]) -> None:
-        lo, hi = torch.aminmax(values)
-        # `not <=` is also true for NaN, so the slow path runs exactly when it is needed.
-        if not (-float(lo) <= bound and float(hi) <= bound):
-            finite = torch.isfinite(values)
-            counts[0] += int(values.numel() - finite.sum())
-            counts[1] += int((finite & (values.abs() > bound)).sum())
-            values.nan_to_num_(0.0, 0.0, 0.0).clamp_(-bound, bound)
+    def _body(buckets: list[torch.Tensor], i: int) -> int:
+        """How many gradient values bucket i holds (the last one's tail follows them)."""
+        n = buckets[i].numel()
+        return n - TAIL if i == len(buckets) - 1 else n
 
-    def _decode_piece(self, buckets: list[torch.Tensor], piece: tuple[int, int, int]) -> None:
-        """Turn one piece of summed ring values back into floats in `buckets`, in place."""
-        i, a, z = piece
-        chunk = self._signed_(self._enc[i][a: a + z])
-        flat = buckets[i].view(-1)
-        # integer -> float32 is correctly rounded, and 1/scale is a power of two: exact.
-        torch.mul(chunk, 1.0 / self._scale(self.last_exponents[i]), out=flat[a: a + z])
-        total = flat.numel()
-        body = total - TAIL if i == len(buckets) - 1 else total
-        lo, hi = max(a, body), min(a + z, total)
-        if lo < hi:
-            flat[lo:hi] = chunk[lo - a:].double() / self._slot_scales(buckets)[lo - body:
-                                                                                hi - body]
+    def _encode(self, values: torch.Tensor, acc: np.ndarray, exponent: int, flip: int) -> bool:
+        """ringcodec.encode_into at the scale of `exponent`: adds the encoding of `values` to
+        (flip-signed) acc and reduces it into the ring. Returns whether a value was clamped."""
+        return encode_into(values.numpy(), np.float32(self._scale(exponent)), self._bound,
+                           acc, self._word(self._ring_mask), self._word(flip))
+
+    def _encode_bodies(self, buckets: list[torch.Tensor], flip: int) -> bool:
+        """Encode every bucket's gradients into the buffers (which hold the masks, or zeros).
+        Returns whether any value was non-finite or beyond the scale's range: those were
+        clamped, and _encode_tail counts them into the status slots."""
+        out_of_range = False
+        for i, b in enumerate(buckets):
+            body = self._body(buckets, i)
+            out_of_range |= self._encode(b.view(-1)[:body], self._enc[i].numpy()[:body],
+                                         self.last_exponents[i], flip)
+        return out_of_range
+
+    def _encode_tail(self, buckets: list[torch.Tensor], flip: int, out_of_range: bool) -> None:
+        """Encode the last bucket's tail (the loss sum and the sample counts, each at its
+        segment's scale), then the status counts, which need every other value encoded
+        first."""
+        values, acc = buckets[-1].view(-1), self._enc[-1].numpy()
+        body, total, base = values.numel() - TAIL, values.numel(), len(buckets) - 1
+        out_of_range |= self._encode(values[body: body + 1], acc[body: body + 1],
+                                     self.last_exponents[base + 1], flip)
+        out_of_range |= self._encode(values[body + 1:], acc[body + 1: total],
+                                     self.last_exponents[base + 2], flip)
+        counts = self._count_out_of_range(buckets) if out_of_range else [0, 0]
+        encode_into(np.array(counts, dtype=np.float32), np.float32(1.0), self._bound,
+                    acc[total:], self._word(self._ring_mask), self._word(flip))
+
+    def _count_out_of_range(self, buckets: list[torch.Tensor]) -> list[int]:
+        """[non-finite, beyond the scale's range] over all segments, as encode_into saw them;
+        the slow path, run only when encode_into reported one."""
+        counts = [0, 0]
+        bound = float(self._bound)
+        for values, exponent in zip(_segments(buckets), self.last_exponents, strict=True):
+            scaled = values * self._scale(exponent)
+            finite = torch.isfinite(scaled)
+            counts[0] += int(scaled.numel() - finite.sum())
+            counts[1] += int((finite & (scaled.abs() > bound)).sum())
+        return counts
+
+    def _decode(self, buckets: list[torch.Tensor]) -> list[int]:
+        """Turn the summed ring values back into floats in `buckets`, in place. Returns the
+        aggregate's exponent per segment (see _exponents), found on the way."""
+        exponents = []
+        mask, half, modulus = (self._word(x) for x in (
+            self._ring_mask, 1 << (self.ring_bits - 1), 1 << self.ring_bits))
+        for i, b in enumerate(buckets):
+            body = self._body(buckets, i)
+            inv_scale = 1.0 / self._scale(self.last_exponents[i])
+            # integer -> float32 is correctly rounded, and 1/scale is a power of two: exact.
+            lo, hi = decode_into(self._enc[i].numpy()[:body], mask, half, modulus,
+                                 np.float32(inv_scale), b.view(-1).numpy()[:body])
+            exponents.append(_exponent(float(np.float32(max(-int(lo), int(hi)))) * inv_scale))
+        values, base = buckets[-1].view(-1), len(buckets) - 1
+        body = values.numel() - TAIL
+        words = self._enc[-1][body: body + TAIL].tolist()
+        for segment, slots in ((1, range(1)), (2, range(1, TAIL))):
+            scale = self._scale(self.last_exponents[base + segment])
+            decoded = [self._signed(words[j]) / scale for j in slots]
+            for j, x in zip(slots, decoded, strict=True):
+                values[body + j] = x
+            exponents.append(_exponent(max(abs(float(values[body + j])) for j in slots)))
+        return exponents
 
     def _cipher(self, peer: int, step: int, bucket: int, attempt: int = 0) -> CipherContext:
         # AES-CTR keystream = encryption of zeros. The initial counter block is (step, attempt,
@@ -557,7 +563,12 @@ class SecureAggregator:
             raise ValueError(f"a bucket of {max(sizes)} values is too long for one AES-CTR "
                              f"stream (at most {_MAX_BUCKET}); use smaller buckets")
         if [e.numel() for e in self._enc] != sizes or self._enc[0].dtype != self.wire_dtype:
-            self._enc = [torch.empty(n, dtype=self.wire_dtype) for n in sizes]
+            # update_into wants room for one AES block beyond what it writes: each buffer is
+            # a view of storage 16 bytes longer, and the keystream goes straight into it.
+            slack = 16 // self.wire_dtype.itemsize
+            storage = [torch.empty(n + slack, dtype=self.wire_dtype) for n in sizes]
+            self._enc = [t[:n] for t, n in zip(storage, sizes, strict=True)]
+            self._enc_bytes = [memoryview(t.numpy()).cast("B") for t in storage]
 
 
 def _segments(buckets: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -577,7 +588,11 @@ def _exponents(buckets: list[torch.Tensor]) -> list[int]:
         if not (math.isfinite(lo) and math.isfinite(hi)):  # the slow path, only with NaN/Inf
             kept = values[torch.isfinite(values)]
             lo, hi = (float(kept.min()), float(kept.max())) if kept.numel() else (0.0, 0.0)
-        largest = max(-lo, hi)
-        # largest = f * 2^e with 0.5 <= f < 1
-        out.append(math.frexp(largest)[1] if largest else MIN_SCALE_EXPONENT)
+        out.append(_exponent(max(-lo, hi)))
     return out
+
+
+def _exponent(largest: float) -> int:
+    """The e with largest < 2^e, for largest >= 0 (MIN_SCALE_EXPONENT for 0)."""
+    # largest = f * 2^e with 0.5 <= f < 1
+    return math.frexp(largest)[1] if largest else MIN_SCALE_EXPONENT
