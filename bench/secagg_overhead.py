@@ -18,6 +18,8 @@ is what a step costs the worker, and neighbours on a busy host inflate it less t
 Partners: by default every worker is a different partner (`--partners distinct`), the worst
 case: every rank masks with all w-1 others, so the masking work per rank grows with w.
 `--partners two` splits the workers between two partners (each rank masks with w/2 peers).
+`--neighbours N` masks along the sparse graph of the spec's secure_aggregation_neighbours (~2N
+peers per rank) instead.
 
 Models: the digits MLP (mlp(64, 10, hidden=(128, 64)), ~17k parameters) and the ~1.06M-parameter
 MLP of bench/common.py. The global batch (default 128) is split evenly among the workers, as
@@ -29,7 +31,7 @@ which a deployment with one worker per host would not see; the plain side is mea
 same oversubscription, but the 4- and 8-worker ratios here are pessimistic.
 
 Usage: .venv/bin/python bench/secagg_overhead.py [--workers 2,4,8] [--models digits,mlp]
-       [--partners distinct|two] [--windows N] [--window-steps N] [--strict]
+       [--partners distinct|two] [--neighbours N] [--windows N] [--window-steps N] [--strict]
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class Bench:
         t0 = time.perf_counter()
         self.secure = GenerationGroup(2 * generation + 1, rank, world, "127.0.0.1", port,
                                       TIMEOUT_S, partner_names(world, args.partners),
-                                      secure=True)
+                                      secure=True, mask_neighbours=args.neighbours)
         self.setup_s = time.perf_counter() - t0
         self.step = 0  # one counter for both kinds: masks are never reused in a generation
         self.window_steps = args.window_steps
@@ -177,6 +179,9 @@ def main() -> int:
     parser.add_argument("--workers", default="2,4,8")
     parser.add_argument("--models", default="digits,mlp")
     parser.add_argument("--partners", choices=("distinct", "two"), default="distinct")
+    parser.add_argument("--neighbours", type=int, default=None,
+                        help="sparse masking: the spec's secure_aggregation_neighbours "
+                             "(default: every peer of another partner)")
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--windows", type=int, default=6)
     parser.add_argument("--window-steps", type=int, default=10)
@@ -192,9 +197,11 @@ def main() -> int:
             parser.error(f"--global-batch {args.global_batch} does not split over {w} workers")
     torch.set_num_threads(1)
     print(machine_line())
-    print(f"partners: {args.partners}; global batch {args.global_batch}; {args.windows} windows "
-          f"of {args.window_steps} steps per kind, alternating; {os.cpu_count()} cores, so "
-          f"groups above {os.cpu_count()} workers oversubscribe the host")
+    graph = f"sparse, {args.neighbours} neighbours" if args.neighbours else "all peers"
+    print(f"partners: {args.partners}; masks: {graph}; global batch {args.global_batch}; "
+          f"{args.windows} windows of {args.window_steps} steps per kind, alternating; "
+          f"{os.cpu_count()} cores, so groups above {os.cpu_count()} workers oversubscribe "
+          "the host")
     rows = []
     ok = True
     for world in worlds:

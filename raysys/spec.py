@@ -272,6 +272,11 @@ class JobSpec(_Strict):
     # Pairwise-masked, fixed-point all-reduce: no worker or network observer sees another
     # partner's individual gradient, only the sum (raysys/privacy/secagg.py).
     secure_aggregation: bool = False
+    # With secure aggregation: mask with this many nearest workers of other partners on each
+    # side of a circle that interleaves the partners (a sparse, connected graph, as SecAgg+),
+    # instead of with every worker of every other partner. Cheaper per step; a worker is then
+    # exposed if its ~2n neighbours collude (raysys.privacy.secagg.mask_peers).
+    secure_aggregation_neighbours: int | None = Field(None, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -291,6 +296,13 @@ class JobSpec(_Strict):
                 raise ValueError(f"duplicate partner name '{p.name}'")
             seen.add(p.name)
         return v
+
+    @model_validator(mode="after")
+    def _neighbours_need_secure_aggregation(self) -> JobSpec:
+        if self.secure_aggregation_neighbours is not None and not self.secure_aggregation:
+            raise ValueError("secure_aggregation_neighbours is set but secure_aggregation is "
+                             "false: set secure_aggregation: true, or drop it")
+        return self
 
     @model_validator(mode="after")
     def _chaos_names_partners(self) -> JobSpec:

@@ -102,12 +102,13 @@ class Capture:
 
 def secure_sum(store: dist.Store, generation: int, rank: int, partners: list[str],
                buckets: list[torch.Tensor], step: int = 0, wire_bits: int | None = None,
+               neighbours: int | None = None,
                ) -> tuple[list[torch.Tensor], SecureAggregator, Capture]:
     """One rank: join generation `generation`, agree keys, securely sum a copy of `buckets`."""
     prefixed = dist.PrefixStore(f"gen-{generation}/", store)
     pg = dist.ProcessGroupGloo(prefixed, rank, len(partners), timedelta(seconds=TIMEOUT_S))
     agg = SecureAggregator(wire_bits)
-    agg.setup(prefixed, rank, partners, generation, TIMEOUT_S)
+    agg.setup(prefixed, rank, partners, generation, TIMEOUT_S, neighbours)
     capture = Capture(pg_all_reduce(pg, timedelta(seconds=TIMEOUT_S)))
     out = [b.clone() for b in buckets]
     agg.all_reduce_sum(capture, out, step)
@@ -356,6 +357,63 @@ def test_same_partner_pairs_unmasked_cross_partner_pairs_masked() -> None:
         ring - 1)
     assert torch.equal(results[2][2].sent[0], expected)
     assert_within_quantization(results[0][0], reference_sum(inputs), aggs[0])
+
+
+LAYOUTS = [list("abcdefgh"), ["a"] * 6 + ["b"], ["a", "a", "b", "b"], list("aaaabbbb"),
+           list("abacabad"), list("aabbbccccd"), ["a", "b"]]
+
+
+@pytest.mark.parametrize("neighbours", [1, 2, 3])
+@pytest.mark.parametrize("partners", LAYOUTS, ids="".join)
+def test_sparse_mask_graph_is_symmetric_cross_partner_and_connected(
+        partners: list[str], neighbours: int) -> None:
+    """What makes a sparse graph safe against observers: both ends of every edge mask, only
+    across partners, and no strict subset of the ranks is closed (its partial sum would be
+    unmasked)."""
+    world = len(partners)
+    graph = {r: secagg.mask_peers(partners, r, neighbours) for r in range(world)}
+    full = {r: secagg.mask_peers(partners, r) for r in range(world)}
+    for r, peers in graph.items():
+        assert set(peers) <= set(full[r])  # cross-partner pairs only
+        assert all(r in graph[j] for j in peers)  # symmetric
+        assert peers  # every rank masked
+    reached, frontier = {0}, [0]
+    while frontier:
+        for j in graph[frontier.pop()]:
+            if j not in reached:
+                reached.add(j)
+                frontier.append(j)
+    assert reached == set(range(world))
+    if len(set(partners)) == world:  # distinct partners: d after and d before
+        assert all(len(p) == min(2 * neighbours, world - 1) for p in graph.values())
+
+
+def test_sparse_masking_sums_right_and_masks_only_along_the_graph() -> None:
+    partners = list("abcdef")
+    sizes = [4096, 300]
+    inputs = [make_buckets(r, sizes) for r in range(6)]
+    store = dist.HashStore()
+    results = ok(run_ranks(6, lambda r: secure_sum(store, 1, r, partners, inputs[r], step=4,
+                                                   neighbours=1)))
+    aggs = [agg for _, agg, _ in results]
+    assert [a.masked_peers for a in aggs] == [(1, 5), (0, 2), (1, 3), (2, 4), (3, 5), (0, 4)]
+    for out, agg, _ in results:
+        assert_within_quantization(out, reference_sum(inputs), agg)
+    # Rank 2 sent its encoding - m_21 + m_23, no mask with anyone else.
+    ring = 1 << aggs[2].ring_bits
+    n = sizes[-1] + STATUS_SLOTS
+    sent = results[2][2].by_bucket(sizes)[-1]
+    expected = (aggs[2].encode(inputs[2])[-1] - aggs[2].pair_mask(1, 4, 1, n)
+                + aggs[2].pair_mask(3, 4, 1, n)) & (ring - 1)
+    assert torch.equal(sent, expected)
+    assert aggs[2].pair_mask(0, 4, 1, n) is None
+    # A partial sum of neighbours on the ring (ranks 1-3, as a ring all-reduce forms them)
+    # still has edges leaving it (to 0 and 4): uniform, while their encodings are not.
+    first = [results[r][2].sent[0] for r in (1, 2, 3)]
+    partial = sum(first) & (ring - 1)
+    assert top_byte_uniformity(partial, aggs[0].ring_bits) > 1e-6
+    plain = sum(aggs[r].encode(inputs[r])[0].clone() for r in (1, 2, 3)) & (ring - 1)
+    assert top_byte_uniformity(plain, aggs[0].ring_bits) < 1e-12
 
 
 def test_one_partner_needs_no_masks() -> None:

@@ -136,3 +136,13 @@ def test_chaos_entries_are_checked(good, tmp_path):
     assert "chaos.1: give exactly one of slow: FACTOR or kill: true" in msg
     good["chaos"] = [{"at_step": 5, "worker": "delta/0", "slow": 3}]
     assert "chaos.0.worker: no partner named 'delta'" in error_for(tmp_path, good)
+
+
+def test_sparse_masking_needs_secure_aggregation_and_a_positive_count(good, tmp_path):
+    good["secure_aggregation_neighbours"] = 2
+    msg = error_for(tmp_path, good)
+    assert "secure_aggregation_neighbours is set but secure_aggregation is false" in msg
+    good["secure_aggregation"] = True
+    assert load_spec(write(tmp_path, good)).secure_aggregation_neighbours == 2
+    good["secure_aggregation_neighbours"] = 0
+    assert "secure_aggregation_neighbours" in error_for(tmp_path, good)

@@ -99,6 +99,7 @@ agreement) and returns the function that waits for it; GenerationGroup does this
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import struct
@@ -212,14 +213,17 @@ class SecureAggregator:
         self._ring_mask = (1 << self.ring_bits) - 1
         self._word = np.int32 if wire_bits == 32 else np.int64  # the kernels' integer scalars
         self._bound = np.float32(2**self.precision_bits)  # |encoded value| <= 2^P
+        self._decode_words = tuple(self._word(x) for x in (  # decode_into's mask, half, modulus
+            self._ring_mask, 1 << (self.ring_bits - 1), 1 << self.ring_bits))
         # update_into wants room for one AES block (16 bytes) beyond the data.
         self._ks = torch.empty(CHUNK + 16 // self.wire_dtype.itemsize, dtype=self.wire_dtype)
         self._ks_bytes = memoryview(self._ks.numpy()).cast("B")
 
     # -- key agreement, once per generation ---------------------------------------------------
     def setup(self, store: dist.Store, rank: int, partners: Sequence[str], generation: int,
-              timeout_s: float) -> None:
-        """Agree pairwise keys with every rank of another partner in this generation.
+              timeout_s: float, neighbours: int | None = None) -> None:
+        """Agree pairwise keys with the ranks this one masks with in this generation: every
+        rank of another partner, or with `neighbours` the sparse graph of mask_peers().
 
         `store` is the generation's store (the PrefixStore its ProcessGroupGloo rendezvoused in
         works; keys also carry the generation, so a shared client store works too). `partners`
@@ -229,6 +233,8 @@ class SecureAggregator:
         world = len(partners)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a group of {world}")
+        if neighbours is not None and neighbours < 1:
+            raise ValueError(f"neighbours must be at least 1, not {neighbours}")
         if world > MAX_WORLD:
             raise ValueError(f"secure aggregation supports at most {MAX_WORLD} workers, "
                              f"not {world}")
@@ -241,17 +247,17 @@ class SecureAggregator:
         self.generation, self.rank, self.world = generation, rank, world
         self.partners = tuple(partners)
         try:
-            self._agree_keys(store, private_key=X25519PrivateKey.generate(), timeout_s=timeout_s)
+            self._agree_keys(store, mask_peers(partners, rank, neighbours),
+                             private_key=X25519PrivateKey.generate(), timeout_s=timeout_s)
         except BaseException:
             self.close()  # never leave half a key set behind: sums would silently be wrong
             raise
         # The first masked peer's mask goes into the buffer as is; its sign is applied last.
         self._flip = -1 if self.masking and self.masked_peers[0] < rank else 0
 
-    def _agree_keys(self, store: dist.Store, private_key: X25519PrivateKey,
+    def _agree_keys(self, store: dist.Store, peers: list[int], private_key: X25519PrivateKey,
                     timeout_s: float) -> None:
         rank, generation, partners = self.rank, self.generation, self.partners
-        peers = [j for j in range(self.world) if partners[j] != partners[rank]]
         public = private_key.public_key().public_bytes_raw()
         try:
             # Published even when this rank needs no key (one partner): cheap, and a peer with
@@ -328,7 +334,7 @@ class SecureAggregator:
 
     @property
     def masked_peers(self) -> tuple[int, ...]:
-        """Ranks this worker shares a mask with: those of other partners."""
+        """Ranks this worker shares a mask with (see mask_peers)."""
         return tuple(sorted(self._pair_keys))
 
     # -- per step ------------------------------------------------------------------------------
@@ -483,16 +489,28 @@ class SecureAggregator:
     def _encode_tail(self, buckets: list[torch.Tensor], flip: int, out_of_range: bool) -> None:
         """Encode the last bucket's tail (the loss sum and the sample counts, each at its
         segment's scale), then the status counts, which need every other value encoded
-        first."""
+        first. In Python: five slots cost less than the kernel calls would."""
         values, acc = buckets[-1].view(-1), self._enc[-1].numpy()
         body, total, base = values.numel() - TAIL, values.numel(), len(buckets) - 1
-        out_of_range |= self._encode(values[body: body + 1], acc[body: body + 1],
-                                     self.last_exponents[base + 1], flip)
-        out_of_range |= self._encode(values[body + 1:], acc[body + 1: total],
-                                     self.last_exponents[base + 2], flip)
+        scales = [self._scale(self.last_exponents[base + 1])] + \
+            [self._scale(self.last_exponents[base + 2])] * COUNT_SLOTS
+        out_of_range |= self._encode_slots(values[body:].tolist(), scales, acc[body:total], flip)
         counts = self._count_out_of_range(buckets) if out_of_range else [0, 0]
-        encode_into(np.array(counts, dtype=np.float32), np.float32(1.0), self._bound,
-                    acc[total:], self._word(self._ring_mask), self._word(flip))
+        self._encode_slots(counts, [1.0] * STATUS_SLOTS, acc[total:], flip)
+
+    def _encode_slots(self, values: list[float], scales: list[float], acc: np.ndarray,
+                      flip: int) -> bool:
+        """ringcodec.encode_into for a few slots, in Python integers (exact, unbounded)."""
+        out_of_range = False
+        bound = float(self._bound)
+        for j, (value, scale) in enumerate(zip(values, scales, strict=True)):
+            v = value * scale
+            if not abs(v) <= bound:  # also a NaN, which becomes +bound as in the kernel
+                out_of_range = True
+                v = -bound if v < -bound else bound
+            mask = int(acc[j]) & self._ring_mask
+            acc[j] = ((mask ^ flip) - flip + round(v)) & self._ring_mask
+        return out_of_range
 
     def _count_out_of_range(self, buckets: list[torch.Tensor]) -> list[int]:
         """[non-finite, beyond the scale's range] over all segments, as encode_into saw them;
@@ -510,8 +528,7 @@ class SecureAggregator:
         """Turn the summed ring values back into floats in `buckets`, in place. Returns the
         aggregate's exponent per segment (see _exponents), found on the way."""
         exponents = []
-        mask, half, modulus = (self._word(x) for x in (
-            self._ring_mask, 1 << (self.ring_bits - 1), 1 << self.ring_bits))
+        mask, half, modulus = self._decode_words
         for i, b in enumerate(buckets):
             body = self._body(buckets, i)
             inv_scale = 1.0 / self._scale(self.last_exponents[i])
@@ -519,14 +536,13 @@ class SecureAggregator:
             lo, hi = decode_into(self._enc[i].numpy()[:body], mask, half, modulus,
                                  np.float32(inv_scale), b.view(-1).numpy()[:body])
             exponents.append(_exponent(float(np.float32(max(-int(lo), int(hi)))) * inv_scale))
-        values, base = buckets[-1].view(-1), len(buckets) - 1
-        body = values.numel() - TAIL
+        values, base = buckets[-1].view(-1).numpy(), len(buckets) - 1
+        body = values.size - TAIL
         words = self._enc[-1][body: body + TAIL].tolist()
         for segment, slots in ((1, range(1)), (2, range(1, TAIL))):
             scale = self._scale(self.last_exponents[base + segment])
-            decoded = [self._signed(words[j]) / scale for j in slots]
-            for j, x in zip(slots, decoded, strict=True):
-                values[body + j] = x
+            for j in slots:
+                values[body + j] = self._signed(words[j]) / scale
             exponents.append(_exponent(max(abs(float(values[body + j])) for j in slots)))
         return exponents
 
@@ -569,6 +585,42 @@ class SecureAggregator:
             storage = [torch.empty(n + slack, dtype=self.wire_dtype) for n in sizes]
             self._enc = [t[:n] for t, n in zip(storage, sizes, strict=True)]
             self._enc_bytes = [memoryview(t.numpy()).cast("B") for t in storage]
+
+
+def mask_peers(partners: Sequence[str], rank: int, neighbours: int | None = None) -> list[int]:
+    """The ranks `rank` shares a mask with, given the partner of every rank.
+
+    By default every rank of another partner. With `neighbours` = d, a sparse graph in the
+    manner of SecAgg+ (Bell et al., CCS 2020): the ranks sit on a circle that deals the partners
+    round-robin (first rank of each partner in order of appearance, then the second ones, ...),
+    and every rank is joined to the first d ranks of other partners after it, so (both ends of
+    every edge mask) to about 2d peers from different partners. Every rank computes the same
+    graph from the public plan.
+
+    The graph is connected: two neighbours on the circle are either joined, or of the same
+    partner and then both joined to the first rank of another partner after them. So a strict
+    subset of the ranks always has a mask edge leaving it, and any partial sum short of the whole
+    group is still uniform for an observer of the ring. What is given up is collusion
+    resistance: a worker's contribution is exposed if all its ~2d neighbours collude (with all
+    peers masked, every worker of every other partner must).
+    """
+    cross = [j for j in range(len(partners)) if partners[j] != partners[rank]]
+    if neighbours is None or not cross:
+        return cross
+    by_partner: dict[str, list[int]] = {}
+    for r, p in enumerate(partners):
+        by_partner.setdefault(p, []).append(r)
+    circle = [r for deal in itertools.zip_longest(*by_partner.values()) for r in deal
+              if r is not None]
+    position = {r: i for i, r in enumerate(circle)}
+
+    def after(r: int) -> list[int]:
+        """The first `neighbours` ranks of other partners after r on the circle."""
+        ahead = (circle[(position[r] + i) % len(circle)] for i in range(1, len(circle)))
+        return list(itertools.islice((j for j in ahead if partners[j] != partners[r]),
+                                     neighbours))
+
+    return sorted(set(after(rank)) | {j for j in cross if rank in after(j)})
 
 
 def _segments(buckets: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -97,11 +97,14 @@ class GenerationGroup:
 
     def __init__(self, generation: int, rank: int, world: int, store_host: str, store_port: int,
                  timeout_s: float, partners: list[str] | None = None, secure: bool = False,
-                 partner_group: bool = False, cross_partner_delay_s: float = 0.0) -> None:
+                 partner_group: bool = False, cross_partner_delay_s: float = 0.0,
+                 mask_neighbours: int | None = None) -> None:
         """`partners` is the partner of every rank. `secure` turns on secure aggregation for
         the global group: keys are agreed here, once per generation, so every generation masks
-        with fresh ones. `partner_group` also forms the partner-local group (local_sgd): plain
-        float sums, no delay (one site), no masks (one data owner). `cross_partner_delay_s`
+        with fresh ones; `mask_neighbours` picks its sparse mask graph (see
+        raysys.privacy.secagg.mask_peers; None: every peer of another partner).
+        `partner_group` also forms the partner-local group (local_sgd): plain float sums, no
+        delay (one site), no masks (one data owner). `cross_partner_delay_s`
         (testing aid) delays every global all-reduce that spans partners, emulating a slow
         inter-site link."""
         if (secure or partner_group) and (partners is None or len(partners) != world):
@@ -129,7 +132,7 @@ class GenerationGroup:
             from raysys.privacy.secagg import SecureAggregator
 
             agg = SecureAggregator()
-            agg.setup(store, rank, partners, generation, timeout_s)
+            agg.setup(store, rank, partners, generation, timeout_s, mask_neighbours)
             self._secure = agg if agg.masking else None  # one partner: nothing to hide
         if partner_group:
             mine = [r for r, p in enumerate(partners) if p == partners[rank]]

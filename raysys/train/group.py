@@ -224,7 +224,7 @@ class ElasticGroup:
                 delay_s = self.spec.runtime.cross_partner_delay_ms / 1000
                 self._get([m.actor.join.remote(self.generation, rank, world, host, port,
                                                timeout_s, partners, self.spec.secure_aggregation,
-                                               delay_s)
+                                               delay_s, self.spec.secure_aggregation_neighbours)
                            for rank, m in enumerate(members)], timeout_s)
                 return target
             except _MemberLost as lost:

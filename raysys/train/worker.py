@@ -113,12 +113,12 @@ class PartnerWorker:
 
     def join(self, generation: int, rank: int, world: int, store_host: str, store_port: int,
              timeout_s: float, partners: list[str], secure: bool = False,
-             cross_partner_delay_s: float = 0.0) -> int:
+             cross_partner_delay_s: float = 0.0, mask_neighbours: int | None = None) -> int:
         self.leave()
         self.group = GenerationGroup(
             generation, rank, world, store_host, store_port, timeout_s, partners, secure,
             partner_group=self.replica.fusion is not None,
-            cross_partner_delay_s=cross_partner_delay_s)
+            cross_partner_delay_s=cross_partner_delay_s, mask_neighbours=mask_neighbours)
         return self.replica.step
 
     def leave(self) -> None:
