@@ -75,6 +75,9 @@ def test_secure_aggregation_trains_like_plain_and_survives_a_lost_worker(
         run, two_partner_data, tmp_path):
     spec = make_spec(two_partner_data, tmp_path, steps=30, alpha_workers=2)
     spec["secure_aggregation"] = True
+    # The sparse graph's setting reaches the workers; with two partners it is the full graph
+    # (tests/test_secagg.py tests sparse graphs themselves).
+    spec["secure_aggregation_neighbours"] = 1
     spec["partners"][0]["workers"]["min"] = 1
     spec["chaos"] = [{"at_step": 12, "worker": "alpha/1", "kill": True}]
     controller, done = run(spec)
