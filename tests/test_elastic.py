@@ -103,34 +103,6 @@ def test_cold_scale_up_then_stop_matches_reference(run, two_partner_data, tmp_pa
     assert max_relative_difference(params, reference_for(spec, steps)) <= TOLERANCE
 
 
-def test_scale_down_while_a_newcomer_starts_stops_the_newcomer(run, two_partner_data, tmp_path):
-    spec = make_spec(two_partner_data, tmp_path, steps=100_000, beta_workers=1)
-    controller, done = run(spec)
-    wait_for(controller, lambda p: p["step"] >= 3)
-    ray.get(controller.submit.remote(Scale("beta", +1)))
-    deadline = time.time() + 60
-    while ray.get(controller.snapshot.remote()).partner("beta").workers != 2:
-        assert time.time() < deadline
-        time.sleep(0.02)
-    # The policy saw beta at 2 and asks for 1: the newcomer is stopped, beta/0 stays.
-    ray.get(controller.submit.remote(Scale("beta", -1)))
-    deadline = time.time() + 60
-    while ray.get(controller.snapshot.remote()).partner("beta").workers != 1:
-        assert time.time() < deadline
-        time.sleep(0.02)
-    start = ray.get(controller.progress.remote())["step"]
-    wait_for(controller, lambda p: p["step"] >= start + 5)
-    ray.get(controller.stop.remote())
-    ray.get(done)
-    events = ray.get(controller.progress.remote())["events"]
-    assert any("beta/1 stopped before it joined" in e for e in events), events
-    states = {w["id"]: w["state"] for w in ray.get(controller.workers.remote())}
-    assert states["beta/1"] == "gone"
-    # It never joined: no group change at all.
-    assert not [e for e in ray.get(controller.rescale_events.remote())
-                if e["kind"] in ("scale_up", "scale_down")]
-
-
 def test_killed_worker_step_is_rerun_on_survivors(run, two_partner_data, tmp_path):
     spec = make_spec(two_partner_data, tmp_path, steps=40, beta_workers=2)
     spec["partners"][1]["workers"]["min"] = 1

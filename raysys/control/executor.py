@@ -89,21 +89,9 @@ class DecisionExecutor:
             if spares:
                 return RescaleEvent("scale_up", f"{', '.join(m.id for m in spares)} (warm)", now)
             return None
-        # Cold newcomers of an earlier scale-up count as workers (the snapshot counts them, as
-        # the simulator does from the decision on) and go first: they have not joined, so
-        # stopping them needs no re-formation.
-        coming = [m for m in starting if m.join_as is MemberState.ACTIVE and not m.replaces]
-        n = min(-d.delta, len(active) + len(coming) - p.workers.min)
+        n = min(-d.delta, len(active) - p.workers.min)
         if n <= 0:
             self.log(f"{describe(d)}: refused, {p.name} is at its minimum {p.workers.min}")
-            return None
-        cancelled = coming[len(coming) - min(n, len(coming)):]
-        for m in cancelled:
-            self.group.retire(m.id)
-            self.pending.pop(m.id, None)
-            self.log(f"{describe(d)}: {m.id} stopped before it joined")
-        n -= len(cancelled)
-        if n == 0:
             return None
         # The slowest workers leave first (as in the simulator); unmeasured ones count as fast.
         leaving = sorted(active, key=lambda m: m.recent_step_s)[-n:]
