@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import asdict
 from enum import Enum
 
@@ -43,6 +43,11 @@ from raysys.train.group import ElasticGroup, GroupError, MemberState
 from raysys.train.replica import Replica, ReplicaConfig
 
 log = logging.getLogger(__name__)
+
+# How long a decision's newcomer that is still starting holds the agent's cooldown (see
+# snapshot()): a cold start takes seconds; one still waiting after this (no room anywhere, say)
+# no longer keeps the agent from acting.
+IN_FLIGHT_HOLD_S = 60.0
 
 
 class JobState(Enum):
@@ -151,28 +156,22 @@ class JobController:
     def snapshot(self) -> Snapshot:
         """This instant as a policy sees it: the same Snapshot the simulator produces.
 
-        Changes in flight count as made, as in the simulator, which applies a decision at once
-        and charges its cost as a stall: a cold newcomer counts in its partner's workers from
-        the moment it is started, a worker whose replacement is starting is left out, and the
-        last rescale is the latest decision still waiting for its newcomer. Otherwise a policy
-        would see nothing change for the seconds a newcomer takes to start (an actor importing
-        torch), and would ask again for what is already on its way."""
+        A change still in flight (a cold newcomer of a decision, starting) is the last rescale,
+        happening now, for up to IN_FLIGHT_HOLD_S: the simulator applies a decision at once and
+        charges its cost as a stall, during which the guardrails' cooldown holds every policy.
+        Without this, a policy would see nothing change for the seconds a newcomer takes to
+        start (an actor importing torch) and ask again for what is already on its way; and the
+        newcomer, not yet measured, would make the change look worthless if it were counted."""
         now = time.time()
         s = self.spec
-        starting = self.group.with_state(MemberState.STARTING)
-        being_replaced = {m.replaces for m in starting if m.replaces}
         workers = [WorkerView(m.id, m.partner, m.info.node_id if m.info else "",
                               m.recent_step_s, m.local_batch, m.state is MemberState.ACTIVE)
                    for m in self.group.members.values()
-                   if (m.state is MemberState.ACTIVE and m.id not in being_replaced)
-                   or (m.died and now - m.t_gone < 60)]
-        coming = Counter(m.partner for m in starting
-                         if m.join_as is MemberState.ACTIVE and not m.replaces)
+                   if m.state is MemberState.ACTIVE or (m.died and now - m.t_gone < 60)]
         # The agent's floor is one worker even where the spec allows 0: a partner without
         # workers drops its data from the job, which only a failure may cause, never a policy.
-        partners = [PartnerView(p.name, len(self.group.active(p.name)) + coming[p.name],
-                                max(p.workers.min, 1), p.workers.max,
-                                self.batch_sizes.get(p.name, 0))
+        partners = [PartnerView(p.name, len(self.group.active(p.name)), max(p.workers.min, 1),
+                                p.workers.max, self.batch_sizes.get(p.name, 0))
                     for p in s.partners]
         free = ray._private.state.available_resources_per_node()  # no public per-node view
         nodes = [NodeView(n["NodeID"], dict(n.get("Labels") or {}),
@@ -182,21 +181,23 @@ class JobController:
         if s.agent.autoscale:
             nodes += virtual_nodes(s, self._live_by_partner())
         last = self.rescales[-1] if self.rescales else None
-        changes = [e.t_decision for e in self.executor.pending.values()]
-        changes += [last.t_ready] if last and last.t_ready else []
+        pending = list(self.executor.pending.values())
+        if any(now - e.t_decision < IN_FLIGHT_HOLD_S for e in pending):
+            last_rescale_s = now - self.t_start
+        else:
+            last_rescale_s = (last.t_ready - self.t_start) if last and last.t_ready else None
         return Snapshot(
             time_s=now - self.t_start, step=self.step,
             samples_done=self.ledger.total_samples(),
             samples_total=s.steps * s.global_batch_size, workers=workers, partners=partners,
             nodes=nodes, cpus_per_worker={p.name: p.cpus_per_worker for p in s.partners},
             placement={p.name: dict(p.placement) for p in s.partners},
-            last_rescale_time_s=max(changes) - self.t_start if changes else None,
+            last_rescale_time_s=last_rescale_s,
             last_rescale_cost_s=(last.latency_s or 0.0) if last else 0.0,
             recent_failures=sum(1 for m in self.group.members.values()
                                 if m.died and now - m.t_gone < 60),
-            actions_last_minute=sum(
-                1 for e in [*self.rescales, *self.executor.pending.values()]
-                if e.kind != "recovery" and now - e.t_decision < 60),
+            actions_last_minute=sum(1 for e in [*self.rescales, *pending]
+                                    if e.kind != "recovery" and now - e.t_decision < 60),
             step_time_s=self._mean_step_time(), throughput=self._throughput(),
         )
 
