@@ -213,7 +213,9 @@ class SecureAggregator:
         self._ring_mask = (1 << self.ring_bits) - 1
         self._word = np.int32 if wire_bits == 32 else np.int64  # the kernels' integer scalars
         self._bound = np.float32(2**self.precision_bits)  # |encoded value| <= 2^P
-        self._decode_words = tuple(self._word(x) for x in (  # decode_into's mask, half, modulus
+        # The kernels' ring scalars: 2^k - 1 (encode_into and decode_into), 2^(k-1) and 2^k
+        # (decode_into).
+        self._ring_words = tuple(self._word(x) for x in (
             self._ring_mask, 1 << (self.ring_bits - 1), 1 << self.ring_bits))
         # update_into wants room for one AES block (16 bytes) beyond the data.
         self._ks = torch.empty(CHUNK + 16 // self.wire_dtype.itemsize, dtype=self.wire_dtype)
@@ -441,7 +443,7 @@ class SecureAggregator:
         width = self.wire_dtype.itemsize
         unsigned = _UNSIGNED[self.wire_dtype]
         keystream = self._ks.numpy().view(unsigned)
-        first_adds = self.masked_peers[0] > self.rank
+        first_adds = self._flip == 0  # see setup()
         out_of_range = False
         for i, e in enumerate(self._enc):
             acc = e.numpy()
@@ -473,7 +475,7 @@ class SecureAggregator:
         """ringcodec.encode_into at the scale of `exponent`: adds the encoding of `values` to
         (flip-signed) acc and reduces it into the ring. Returns whether a value was clamped."""
         return encode_into(values.numpy(), np.float32(self._scale(exponent)), self._bound,
-                           acc, self._word(self._ring_mask), self._word(flip))
+                           acc, self._ring_words[0], self._word(flip))
 
     def _encode_bodies(self, buckets: list[torch.Tensor], flip: int) -> bool:
         """Encode every bucket's gradients into the buffers (which hold the masks, or zeros).
@@ -528,7 +530,7 @@ class SecureAggregator:
         """Turn the summed ring values back into floats in `buckets`, in place. Returns the
         aggregate's exponent per segment (see _exponents), found on the way."""
         exponents = []
-        mask, half, modulus = self._decode_words
+        mask, half, modulus = self._ring_words
         for i, b in enumerate(buckets):
             body = self._body(buckets, i)
             inv_scale = 1.0 / self._scale(self.last_exponents[i])
