@@ -24,9 +24,8 @@ from raysys.privacy.secagg import (
     MaskReuseError,
     SecAggSetupError,
     SecureAggregator,
-    pg_all_reduce,
 )
-from raysys.train.collective import CollectiveError, GenerationGroup, StoreServer
+from raysys.train.collective import CollectiveError, GenerationGroup, StoreServer, _Gloo
 from raysys.train.replica import Replica, ReplicaConfig
 
 stats = pytest.importorskip("scipy.stats")
@@ -106,10 +105,10 @@ def secure_sum(store: dist.Store, generation: int, rank: int, partners: list[str
                ) -> tuple[list[torch.Tensor], SecureAggregator, Capture]:
     """One rank: join generation `generation`, agree keys, securely sum a copy of `buckets`."""
     prefixed = dist.PrefixStore(f"gen-{generation}/", store)
-    pg = dist.ProcessGroupGloo(prefixed, rank, len(partners), timedelta(seconds=TIMEOUT_S))
+    group = _Gloo(generation, rank, len(partners), prefixed, timedelta(seconds=TIMEOUT_S), "test")
     agg = SecureAggregator(wire_bits)
     agg.setup(prefixed, rank, partners, generation, TIMEOUT_S, neighbours)
-    capture = Capture(pg_all_reduce(pg, timedelta(seconds=TIMEOUT_S)))
+    capture = Capture(group.start)
     out = [b.clone() for b in buckets]
     agg.all_reduce_sum(capture, out, step)
     return out, agg, capture
@@ -270,10 +269,9 @@ def test_later_steps_reuse_the_aggregates_scale_and_redo_a_step_that_outgrows_it
 
     def three_steps(rank: int) -> list:
         prefixed = dist.PrefixStore("gen-1/", store)
-        pg = dist.ProcessGroupGloo(prefixed, rank, 2, timedelta(seconds=TIMEOUT_S))
+        start = _Gloo(1, rank, 2, prefixed, timedelta(seconds=TIMEOUT_S), "test").start
         agg = SecureAggregator()
         agg.setup(prefixed, rank, partners, 1, TIMEOUT_S)
-        start = pg_all_reduce(pg, timedelta(seconds=TIMEOUT_S))
         seen = []
         for t, inputs in enumerate(steps):
             capture = Capture(start)
@@ -482,12 +480,12 @@ def test_peer_lost_mid_step_fails_the_step_then_survivors_re_key() -> None:
 
     def step_with_a_dead_peer(rank: int) -> torch.Tensor:
         prefixed = dist.PrefixStore("gen-8/", store)
-        pg = dist.ProcessGroupGloo(prefixed, rank, 3, timeout)
+        group = _Gloo(8, rank, 3, prefixed, timeout, "test")
         agg = SecureAggregator()
         agg.setup(prefixed, rank, partners, 8, TIMEOUT_S)
         if rank == 2:
             return agg.pair_mask(0, 0, 0, 256)  # joined, then dies before the all-reduce
-        agg.all_reduce_sum(pg_all_reduce(pg, timeout), [b.clone() for b in inputs[rank]], 0)
+        agg.all_reduce_sum(group.start, [b.clone() for b in inputs[rank]], 0)
         return None
 
     t0 = time.monotonic()

@@ -105,7 +105,6 @@ import math
 import struct
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -156,22 +155,6 @@ class SecAggSetupError(SecAggError):
 
 class MaskReuseError(SecAggError):
     """A step was about to be masked twice with the same keys (see the module docstring)."""
-
-
-def pg_all_reduce(pg: dist.ProcessGroup, timeout: timedelta) -> StartAllReduce:
-    """A StartAllReduce over a raw process group (e.g. dist.ProcessGroupGloo), for tests."""
-
-    def start(tensors: list[torch.Tensor],
-              op: dist.ReduceOp = dist.ReduceOp.SUM) -> Callable[[], None]:
-        works = [pg.allreduce([t], op) for t in tensors]
-
-        def wait() -> None:
-            for w in works:
-                w.wait(timeout)
-
-        return wait
-
-    return start
 
 
 class SecureAggregator:
