@@ -552,3 +552,19 @@ def test_setup_validates_its_arguments() -> None:
     SecureAggregator().setup(store, 0, ["a", "a"], 3, 1.0)
     with pytest.raises(SecAggSetupError, match="rank 0 already published a key"):
         SecureAggregator().setup(store, 0, ["a", "a"], 3, 1.0)
+
+
+@pytest.mark.parametrize("wire_bits", [32, 64])
+def test_warm_readies_exactly_the_kernels_a_step_uses(wire_bits: int) -> None:
+    """Workers of a secure job call warm() while loading so that their first step compiles
+    nothing: after it, a step on either wire adds no new kernel specialisation."""
+    from raysys.privacy.ringcodec import decode_into, encode_into
+
+    SecureAggregator.warm()
+    warmed = (list(encode_into.signatures), list(decode_into.signatures))
+    assert len(warmed[0]) >= 2 and len(warmed[1]) >= 2  # int32 and int64 words
+    partners = ["a", "b"]
+    inputs = [make_buckets(r, [300, 40]) for r in range(2)]
+    store = dist.HashStore()
+    ok(run_ranks(2, lambda r: secure_sum(store, 1, r, partners, inputs[r], wire_bits=wire_bits)))
+    assert (list(encode_into.signatures), list(decode_into.signatures)) == warmed

@@ -204,6 +204,20 @@ class SecureAggregator:
         self._ks = torch.empty(CHUNK + 16 // self.wire_dtype.itemsize, dtype=self.wire_dtype)
         self._ks_bytes = memoryview(self._ks.numpy()).cast("B")
 
+    @classmethod
+    def warm(cls) -> None:
+        """Load the compiled ring kernels (numba's cache, or a compilation) and start numba's
+        runtime, for both wire words, on a few values. A worker process's first secure step
+        would otherwise pay it (~1.2 s here); workers of a secure job call this while loading,
+        so the cost is off the training's path (a newcomer pays it before it joins)."""
+        values = torch.zeros(4)
+        for bits in (32, 64):
+            agg = cls(wire_bits=bits)
+            acc = np.zeros(4, dtype=agg._word)
+            agg._encode(values, acc, 0, 0)
+            mask, half, modulus = agg._ring_words
+            decode_into(acc, mask, half, modulus, np.float32(1.0), values.numpy())
+
     # -- key agreement, once per generation ---------------------------------------------------
     def setup(self, store: dist.Store, rank: int, partners: Sequence[str], generation: int,
               timeout_s: float, neighbours: int | None = None) -> None:

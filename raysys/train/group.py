@@ -140,7 +140,7 @@ class ElasticGroup:
                  self.spec.seed)
         member = Member(member_id, partner.name, actor, MemberState.STARTING, join_as=join_as,
                         replaces=replaces)
-        member.load_ref = member.ready_ref = actor.load.remote()
+        member.load_ref = member.ready_ref = actor.load.remote(self.spec.secure_aggregation)
         if self.replica_cfg is not None:  # mid-run newcomer: build right after loading
             member.ready_ref = actor.build.remote(self.replica_cfg)
         self.members[member_id] = member

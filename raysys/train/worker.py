@@ -91,8 +91,13 @@ class PartnerWorker:
         self._tags = {"job": job, "partner": partner, "worker": worker_id}
 
     # -- life cycle --------------------------------------------------------------------------
-    def load(self) -> WorkerInfo:
-        """Read this partner's table (the only read of partner data anywhere in raysys)."""
+    def load(self, secure: bool = False) -> WorkerInfo:
+        """Read this partner's table (the only read of partner data anywhere in raysys). In a
+        job with secure aggregation also ready its kernels, so the first step need not."""
+        if secure:
+            from raysys.privacy.secagg import SecureAggregator  # secure jobs only: numba, AES
+
+            SecureAggregator.warm()
         table = load_partner_table(
             self.partner, self._data_spec["path"], self._data_spec.get("features"),
             self._data_spec.get("label", "label"),
