@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check raysys jobs bench tests
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check raysys jobs bench tests

@@ -568,3 +568,53 @@ def test_warm_readies_exactly_the_kernels_a_step_uses(wire_bits: int) -> None:
     store = dist.HashStore()
     ok(run_ranks(2, lambda r: secure_sum(store, 1, r, partners, inputs[r], wire_bits=wire_bits)))
     assert (list(encode_into.signatures), list(decode_into.signatures)) == warmed
+
+
+# -- masks drawn ahead ----------------------------------------------------------------------------
+def run_steps(store: dist.Store, rank: int, partners: list[str], steps: list[int],
+              inputs: list[list[list[torch.Tensor]]]) -> list:
+    """One rank of a generation summing inputs[t][rank] at step number steps[t]; per step
+    (output, what was sent, steps_masked_ahead so far, its encoding w/o masks, its scales)."""
+    prefixed = dist.PrefixStore("gen-1/", store)
+    start = _Gloo(1, rank, len(partners), prefixed, timedelta(seconds=TIMEOUT_S), "test").start
+    agg = SecureAggregator()
+    agg.setup(prefixed, rank, partners, 1, TIMEOUT_S)
+    seen = []
+    for step, step_inputs in zip(steps, inputs, strict=True):
+        capture = Capture(start)
+        out = [b.clone() for b in step_inputs[rank]]
+        agg.all_reduce_sum(capture, out, step)
+        encoding = [e.clone() for e in agg.encode(step_inputs[rank])]
+        seen.append((out, capture.sent, agg.steps_masked_ahead, encoding,
+                     list(agg.last_exponents)))
+    seen.append(agg)
+    return seen
+
+
+@pytest.mark.parametrize("steps", [[0, 1, 2], [0, 5, 10], [0, 1, 7]])
+def test_masks_drawn_ahead_are_the_steps_own_and_a_wrong_guess_is_dropped(
+        steps: list[int]) -> None:
+    """After a step, the next step's masks are drawn on another thread (same stride as the
+    last two steps). What a rank sends at a step whose masks were drawn ahead is exactly its
+    encoding plus its pair masks of that step, so the sum is right; a step that was not the
+    one expected (0, 1, then 7) is masked inline, and nothing drawn for step 2 is ever sent."""
+    partners = ["a", "b", "c"]
+    sizes = [secagg.CHUNK + 100, 50]  # more than one chunk: the chunk loop of the drawing
+    inputs = [[make_buckets(100 * t + r, sizes) for r in range(3)] for t in range(len(steps))]
+    store = dist.HashStore()
+    results = ok(run_ranks(3, lambda r: run_steps(store, r, partners, steps, inputs)))
+    expected_ahead = {(0, 1, 2): [0, 1, 2], (0, 5, 10): [0, 0, 1], (0, 1, 7): [0, 1, 1]}
+    for t, step in enumerate(steps):
+        ref = reference_sum(inputs[t])
+        for rank in range(3):
+            out, sent, ahead, encoding, exponents = results[rank][t]
+            agg = results[rank][-1]
+            assert ahead == expected_ahead[tuple(steps)][t]
+            assert_within_quantization(out, ref, SimpleNamespace(
+                world=3, precision_bits=agg.precision_bits, last_exponents=exponents))
+            ring = (1 << agg.ring_bits) - 1
+            for i, n in enumerate([sizes[0], sizes[1] + STATUS_SLOTS]):
+                masks = sum(agg.pair_mask(j, step, i, n) * (1 if j > rank else -1)
+                            for j in agg.masked_peers)
+                assert torch.equal(sent[i], (encoding[i] + masks) & ring), (step, rank, i)
+

@@ -87,7 +87,10 @@ CHUNK right after its masks, while both are in cache; one decode pass after the 
 sign, convert, scale, and the peak that sets the next step's scale: decode_into). On the 32-bit
 wire the all-reduce moves the bytes of the plain one.
 Masking work grows with the number of cross-partner peers, so the overhead is highest when every
-worker is its own partner. See bench/secagg_overhead.py.
+worker is its own partner. The masks do not depend on the gradients: as soon as a step is summed,
+the next step's are drawn on a background thread (into a second set of buffers) while the
+worker computes that step's gradients, and a step whose masks are ready only encodes; a worker
+with a spare core hides the keystream that way. See bench/secagg_overhead.py.
 
 Wiring (worker): `agg.setup(store, rank, partners, generation, timeout_s)` right after the
 generation's GenerationGroup is formed, with `store` = PrefixStore(f"gen-{generation}/", own
@@ -103,8 +106,11 @@ import itertools
 import logging
 import math
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -157,6 +163,20 @@ class MaskReuseError(SecAggError):
     """A step was about to be masked twice with the same keys (see the module docstring)."""
 
 
+@dataclass
+class _MaskBuffers:
+    """A second set of encoding buffers, into which the next step's masks are drawn on another
+    thread while this step trains, with its own keystream scratch (the step's is in use)."""
+
+    enc: list[torch.Tensor]
+    bytes: list[memoryview]
+    ks: torch.Tensor
+    ks_bytes: memoryview
+    step: int = -1  # the step whose masks they hold (or are being drawn)
+    future: Future | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
 class SecureAggregator:
     """One worker's secure-aggregation state; call setup() once per generation.
 
@@ -164,12 +184,18 @@ class SecureAggregator:
     `agg.all_reduce_sum(start, buckets, step)` in place of the plain all-reduce of `buckets`.
     """
 
-    def __init__(self, wire_bits: int | None = None) -> None:
+    def __init__(self, wire_bits: int | None = None, mask_ahead: bool = True) -> None:
         """`wire_bits` forces the wire word (32 or 64); by default it follows the group size
-        (32 up to WORD32_MAX_WORLD ranks)."""
+        (32 up to WORD32_MAX_WORLD ranks). With `mask_ahead` the masks of the step expected
+        next are drawn on a background thread as soon as a step is summed (see _draw_ahead)."""
         if wire_bits not in (None, 32, 64):
             raise ValueError(f"wire_bits must be 32 or 64, not {wire_bits}")
         self._wire_bits_choice = wire_bits
+        self.mask_ahead = mask_ahead
+        self._ahead: _MaskBuffers | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._last_step: int | None = None
+        self.steps_masked_ahead = 0  # steps whose masks were ready when they came
         self.generation: int | None = None
         self.rank = 0
         self.world = 1
@@ -320,7 +346,11 @@ class SecureAggregator:
         return [store.get(k) for k in keys]
 
     def close(self) -> None:
-        """Forget this generation's keys (the next generation must not reuse them)."""
+        """Forget this generation's keys (the next generation must not reuse them), and any
+        masks drawn ahead with them."""
+        self._drop_ahead()
+        self._ahead = None
+        self._last_step = None
         self.generation = None
         self._pair_keys = {}
         self._masked_steps = set()
@@ -360,11 +390,13 @@ class SecureAggregator:
         self._masked_steps.add(step)
         self._reserve(buckets)
         self.last_payload_bytes = 0
+        premasked = self._take_ahead(step)
         if self._next_exponents is None:
-            status = self._send(start, buckets, step, attempt=0, agree=True)
+            status = self._send(start, buckets, step, attempt=0, agree=True, premasked=premasked)
         else:
             self.last_exponents = self._next_exponents
-            status = self._send(start, buckets, step, attempt=0, agree=False)
+            status = self._send(start, buckets, step, attempt=0, agree=False,
+                                premasked=premasked)
             if status[1]:
                 # A rank's value outgrew the cached scale (it was clamped, so nothing wrapped):
                 # send the step again at agreed scales, under fresh masks (attempt 1), before
@@ -385,10 +417,12 @@ class SecureAggregator:
         else:
             self._next_exponents = [e + HEADROOM_BITS if e > MIN_SCALE_EXPONENT else e
                                     for e in exponents]
+        self._draw_ahead(step)
 
     def _send(self, start: StartAllReduce, buckets: list[torch.Tensor], step: int,
-              attempt: int, agree: bool) -> list[int]:
-        """Mask, encode and sum one attempt of a step; with `agree`, at scales agreed now.
+              attempt: int, agree: bool, premasked: bool = False) -> list[int]:
+        """Mask, encode and sum one attempt of a step; with `agree`, at scales agreed now;
+        with `premasked`, the buffers already hold the attempt's masks (drawn ahead).
         Returns the group's [non-finite count, overflow count] of the attempt."""
         if agree:
             # The masks do not depend on the values: they are drawn while the agreement is on
@@ -396,9 +430,12 @@ class SecureAggregator:
             agreed = torch.tensor(_exponents(buckets), dtype=torch.int64)
             wait_for_agreement = start([agreed], dist.ReduceOp.MAX)
             self.last_payload_bytes += agreed.numel() * agreed.element_size()
-            self._mask(step, attempt)
+            if not premasked:
+                self._mask(step, attempt)
             wait_for_agreement()
             self.last_exponents = agreed.tolist()
+            out_of_range = self._encode_bodies(buckets, self._flip)
+        elif premasked:
             out_of_range = self._encode_bodies(buckets, self._flip)
         else:
             out_of_range = self._mask(step, attempt, buckets)
@@ -427,11 +464,14 @@ class SecureAggregator:
         self._encode_tail(buckets, 0, self._encode_bodies(buckets, 0))
         return self._enc
 
-    def _mask(self, step: int, attempt: int, buckets: list[torch.Tensor] | None = None) -> bool:
+    def _mask(self, step: int, attempt: int, buckets: list[torch.Tensor] | None = None,
+              into: _MaskBuffers | None = None) -> bool:
         """Fill the encoding buffers with this rank's mask sum for (step, attempt): + m_ij for
         every peer j above this rank, - m_ij below, so every pair cancels in the group's sum.
         With `buckets`, also encode each piece of gradients right after its masks, while both
-        are in cache; returns whether a value was out of range (see _encode_bodies).
+        are in cache; returns whether a value was out of range (see _encode_bodies). With
+        `into`, fill those buffers instead (masks drawn ahead, on another thread): they have
+        their own keystream scratch, and a set `cancel` stops the work between chunks.
 
         The first peer's keystream is written straight into the buffer; the others are added
         on unsigned views, where numpy defines addition modulo 2^W (2^k divides 2^W, so no
@@ -439,10 +479,12 @@ class SecureAggregator:
         the first peer's sign (self._flip) to the whole sum."""
         width = self.wire_dtype.itemsize
         unsigned = _UNSIGNED[self.wire_dtype]
-        keystream = self._ks.numpy().view(unsigned)
+        enc, enc_bytes = (self._enc, self._enc_bytes) if into is None else (into.enc, into.bytes)
+        keystream_bytes = self._ks_bytes if into is None else into.ks_bytes
+        keystream = (self._ks if into is None else into.ks).numpy().view(unsigned)
         first_adds = self._flip == 0  # see setup()
         out_of_range = False
-        for i, e in enumerate(self._enc):
+        for i, e in enumerate(enc):
             acc = e.numpy()
             acc_unsigned = acc.view(unsigned)
             # One AES-CTR stream per peer and bucket; successive update_into calls continue it.
@@ -450,10 +492,12 @@ class SecureAggregator:
                             for j in self.masked_peers]
             body = self._body(buckets, i) if buckets is not None else 0
             for a in range(0, acc.size, CHUNK):
+                if into is not None and into.cancel.is_set():
+                    return False
                 z = min(CHUNK, acc.size - a)
-                first[0].update_into(self._zeros[: z * width], self._enc_bytes[i][a * width:])
+                first[0].update_into(self._zeros[: z * width], enc_bytes[i][a * width:])
                 for stream, same_sign in rest:
-                    stream.update_into(self._zeros[: z * width], self._ks_bytes)
+                    stream.update_into(self._zeros[: z * width], keystream_bytes)
                     combine = np.add if same_sign else np.subtract
                     combine(acc_unsigned[a: a + z], keystream[:z], out=acc_unsigned[a: a + z])
                 if a < body:
@@ -461,6 +505,75 @@ class SecureAggregator:
                                                  acc[a: a + z], self.last_exponents[i],
                                                  self._flip)
         return out_of_range
+
+    # -- masks drawn ahead ----------------------------------------------------------------------
+    # The masks do not depend on the gradients, so the next step's can be drawn while this
+    # worker computes that step's gradients: on a host with a core to spare, the keystream
+    # (one AES stream per masked peer, most of the cost) leaves the step's critical path.
+    # Each mask is still used at most once: they are drawn for (expected step, attempt 0), and
+    # the step check in all_reduce_sum applies as before; a guess that turns out wrong (a
+    # re-run step, another stride) is thrown away unsent.
+
+    def _draw_ahead(self, step: int) -> None:
+        """Start drawing the masks of the step expected after `step` (the same stride as the
+        last two steps: 1 for every-step aggregation, the round length under local SGD)."""
+        stride = step - self._last_step if self._last_step is not None else 1
+        self._last_step = step
+        if not (self.mask_ahead and self.masking) or stride <= 0:
+            return
+        sizes = [e.numel() for e in self._enc]
+        buf = self._ahead
+        if buf is None or [e.numel() for e in buf.enc] != sizes or \
+                buf.ks.dtype != self.wire_dtype:
+            enc, enc_bytes = _buffers(sizes, self.wire_dtype)
+            ks = torch.empty_like(self._ks)
+            buf = self._ahead = _MaskBuffers(enc, enc_bytes, ks, memoryview(ks.numpy()).cast("B"))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="secagg-masks")
+        buf.step = step + stride
+        buf.cancel.clear()
+        buf.future = self._pool.submit(self._mask, buf.step, 0, None, buf)
+
+    def _take_ahead(self, step: int) -> bool:
+        """Swap in the masks drawn ahead if they are this step's (waiting for them if they are
+        still being drawn); returns whether the encoding buffers now hold them."""
+        buf = self._ahead
+        if buf is None or buf.future is None:
+            return False
+        if buf.step != step or [e.numel() for e in buf.enc] != [e.numel() for e in self._enc] \
+                or buf.ks.dtype != self.wire_dtype:
+            self._drop_ahead()
+            return False
+        try:
+            buf.future.result()
+        except Exception:  # noqa: BLE001 - drawn again inline, where an error would surface
+            log.warning("secure aggregation: masks drawn ahead for step %d failed; drawing "
+                        "them again", step, exc_info=True)
+            buf.future = None
+            return False
+        buf.future = None
+        self._enc, buf.enc = buf.enc, self._enc
+        self._enc_bytes, buf.bytes = buf.bytes, self._enc_bytes
+        self.steps_masked_ahead += 1
+        return True
+
+    def settle(self) -> None:
+        """Wait until the masks being drawn ahead are drawn (benchmarks: to time that work
+        with the secure steps it belongs to)."""
+        buf = self._ahead
+        if buf is not None and buf.future is not None:
+            buf.future.exception()
+
+    def _drop_ahead(self) -> None:
+        """Stop and forget masks drawn ahead (between two chunks), unsent."""
+        buf = self._ahead
+        if buf is not None and buf.future is not None:
+            buf.cancel.set()
+            try:
+                buf.future.result()
+            except Exception:  # noqa: BLE001 - unused masks: nothing depends on them
+                log.debug("secure aggregation: dropped masks failed", exc_info=True)
+            buf.future = None
 
     @staticmethod
     def _body(buckets: list[torch.Tensor], i: int) -> int:
@@ -578,12 +691,17 @@ class SecureAggregator:
             raise ValueError(f"a bucket of {max(sizes)} values is too long for one AES-CTR "
                              f"stream (at most {_MAX_BUCKET}); use smaller buckets")
         if [e.numel() for e in self._enc] != sizes or self._enc[0].dtype != self.wire_dtype:
-            # update_into wants room for one AES block beyond what it writes: each buffer is
-            # a view of storage 16 bytes longer, and the keystream goes straight into it.
-            slack = 16 // self.wire_dtype.itemsize
-            storage = [torch.empty(n + slack, dtype=self.wire_dtype) for n in sizes]
-            self._enc = [t[:n] for t, n in zip(storage, sizes, strict=True)]
-            self._enc_bytes = [memoryview(t.numpy()).cast("B") for t in storage]
+            self._enc, self._enc_bytes = _buffers(sizes, self.wire_dtype)
+
+
+def _buffers(sizes: list[int], dtype: torch.dtype) -> tuple[list[torch.Tensor], list[memoryview]]:
+    """Encoding buffers of `sizes` words, and their bytes. update_into wants room for one AES
+    block beyond what it writes: each buffer is a view of storage 16 bytes longer, and the
+    keystream goes straight into it."""
+    slack = 16 // dtype.itemsize
+    storage = [torch.empty(n + slack, dtype=dtype) for n in sizes]
+    return ([t[:n] for t, n in zip(storage, sizes, strict=True)],
+            [memoryview(t.numpy()).cast("B") for t in storage])
 
 
 def mask_peers(partners: Sequence[str], rank: int, neighbours: int | None = None) -> list[int]:

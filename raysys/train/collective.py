@@ -166,5 +166,7 @@ class GenerationGroup:
         return self._local.all_reduce(buckets)
 
     def close(self) -> None:
+        if self._secure is not None:
+            self._secure.close()  # stops masks being drawn ahead for a step that never comes
         self._global = None
         self._local = None
