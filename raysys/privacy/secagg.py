@@ -351,6 +351,9 @@ class SecureAggregator:
         self._drop_ahead()
         self._ahead = None
         self._last_step = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)  # idle after _drop_ahead: its thread ends now
+            self._pool = None
         self.generation = None
         self._pair_keys = {}
         self._masked_steps = set()
@@ -519,9 +522,10 @@ class SecureAggregator:
         last two steps: 1 for every-step aggregation, the round length under local SGD)."""
         stride = step - self._last_step if self._last_step is not None else 1
         self._last_step = step
-        if not (self.mask_ahead and self.masking) or stride <= 0:
-            return
         sizes = [e.numel() for e in self._enc]
+        # Below a chunk the keystream costs microseconds, less than handing it to a thread.
+        if not (self.mask_ahead and self.masking) or stride <= 0 or sum(sizes) < CHUNK:
+            return
         buf = self._ahead
         if buf is None or [e.numel() for e in buf.enc] != sizes or \
                 buf.ks.dtype != self.wire_dtype:
