@@ -90,14 +90,17 @@ Masking work grows with the number of cross-partner peers, so the overhead is hi
 worker is its own partner. The masks do not depend on the gradients: as soon as a step is summed,
 the next step's are drawn on a background thread (into a second set of buffers) while the
 worker computes that step's gradients, and a step whose masks are ready only encodes; a worker
-with a spare core hides the keystream that way. See bench/secagg_overhead.py.
+with a spare core hides the keystream that way. This is skipped for groups without masks and
+for buckets of less than CHUNK values in all, whose keystream costs less than the hand-off.
+See bench/secagg_overhead.py.
 
 Wiring (worker): `agg.setup(store, rank, partners, generation, timeout_s)` right after the
 generation's GenerationGroup is formed, with `store` = PrefixStore(f"gen-{generation}/", own
 TCPStore client) (one client per worker: a client is not safe to share between threads), and
 `agg.all_reduce_sum(start, replica.buckets, replica.step)` in place of the plain all-reduce of
 `replica.buckets`, where start(tensors, op) starts reducing in place (SUM, or MAX for the
-agreement) and returns the function that waits for it; GenerationGroup does this wiring.
+agreement) and returns the function that waits for it, and `agg.close()` when the generation
+ends (it stops masks being drawn ahead); GenerationGroup does this wiring.
 """
 
 from __future__ import annotations
@@ -163,6 +166,10 @@ class MaskReuseError(SecAggError):
     """A step was about to be masked twice with the same keys (see the module docstring)."""
 
 
+class _Cancelled(Exception):
+    """Masks being drawn ahead were dropped (see SecureAggregator._drop_ahead)."""
+
+
 @dataclass
 class _MaskBuffers:
     """A second set of encoding buffers, into which the next step's masks are drawn on another
@@ -181,13 +188,15 @@ class SecureAggregator:
     """One worker's secure-aggregation state; call setup() once per generation.
 
     Usage: `agg.setup(store, rank, partners, generation, timeout_s)` at join, then per step
-    `agg.all_reduce_sum(start, buckets, step)` in place of the plain all-reduce of `buckets`.
+    `agg.all_reduce_sum(start, buckets, step)` in place of the plain all-reduce of `buckets`,
+    and `agg.close()` when the generation ends.
     """
 
     def __init__(self, wire_bits: int | None = None, mask_ahead: bool = True) -> None:
         """`wire_bits` forces the wire word (32 or 64); by default it follows the group size
         (32 up to WORD32_MAX_WORLD ranks). With `mask_ahead` the masks of the step expected
-        next are drawn on a background thread as soon as a step is summed (see _draw_ahead)."""
+        next are drawn on a background thread as soon as a step is summed, when the buckets
+        are large enough for it to pay (see _draw_ahead)."""
         if wire_bits not in (None, 32, 64):
             raise ValueError(f"wire_bits must be 32 or 64, not {wire_bits}")
         self._wire_bits_choice = wire_bits
@@ -195,7 +204,7 @@ class SecureAggregator:
         self._ahead: _MaskBuffers | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._last_step: int | None = None
-        self.steps_masked_ahead = 0  # steps whose masks were ready when they came
+        self.steps_masked_ahead = 0  # steps that used masks drawn ahead
         self.generation: int | None = None
         self.rank = 0
         self.world = 1
@@ -428,8 +437,8 @@ class SecureAggregator:
         with `premasked`, the buffers already hold the attempt's masks (drawn ahead).
         Returns the group's [non-finite count, overflow count] of the attempt."""
         if agree:
-            # The masks do not depend on the values: they are drawn while the agreement is on
-            # the wire, which hides its latency behind the AES work.
+            # The masks do not depend on the values: unless drawn ahead, they are drawn while
+            # the agreement is on the wire, which hides its latency behind the AES work.
             agreed = torch.tensor(_exponents(buckets), dtype=torch.int64)
             wait_for_agreement = start([agreed], dist.ReduceOp.MAX)
             self.last_payload_bytes += agreed.numel() * agreed.element_size()
@@ -496,7 +505,7 @@ class SecureAggregator:
             body = self._body(buckets, i) if buckets is not None else 0
             for a in range(0, acc.size, CHUNK):
                 if into is not None and into.cancel.is_set():
-                    return False
+                    raise _Cancelled  # half-drawn buffers must never pass for drawn ones
                 z = min(CHUNK, acc.size - a)
                 first[0].update_into(self._zeros[: z * width], enc_bytes[i][a * width:])
                 for stream, same_sign in rest:
@@ -575,6 +584,8 @@ class SecureAggregator:
             buf.cancel.set()
             try:
                 buf.future.result()
+            except _Cancelled:
+                pass
             except Exception:  # noqa: BLE001 - unused masks: nothing depends on them
                 log.debug("secure aggregation: dropped masks failed", exc_info=True)
             buf.future = None
