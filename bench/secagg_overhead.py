@@ -10,7 +10,10 @@ either plainly (a GenerationGroup's float32 all-reduce) or through a GenerationG
 aggregation (SecureAggregator: per-step scale agreement, fixed point, pairwise AES-CTR masks,
 integer all-reduce; int32 on the wire up to 15 workers). The two
 kinds alternate window by window in the same processes, so both see the same neighbours at
-almost the same moments; the ratio of the medians is the figure. apply() runs after every step
+almost the same moments; the ratio of the medians is the figure. The secure steps are numbered
+on across windows, as a job's steps are, so each one's masks are drawn ahead on a background
+thread as in a job (`--no-mask-ahead`: inline); the drawing of the next secure window's first
+masks is finished and timed at the end of each secure window, so it never runs in a plain one. apply() runs after every step
 but outside the timed part (it is the same on both sides). Rank 0's clock times a step (the
 all-reduce keeps the ranks in lock step). Rank 0's process CPU time per step is reported too: it
 is what a step costs the worker, and neighbours on a busy host inflate it less than wall time.
@@ -31,7 +34,8 @@ which a deployment with one worker per host would not see; the plain side is mea
 same oversubscription, but the 4- and 8-worker ratios here are pessimistic.
 
 Usage: .venv/bin/python bench/secagg_overhead.py [--workers 2,4,8] [--models digits,mlp]
-       [--partners distinct|two] [--neighbours N] [--windows N] [--window-steps N] [--strict]
+       [--partners distinct|two] [--neighbours N] [--no-mask-ahead] [--windows N]
+       [--window-steps N] [--strict]
 """
 
 from __future__ import annotations
