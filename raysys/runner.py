@@ -247,6 +247,8 @@ def print_summary(summary: dict) -> None:
     table.add_row("steps", str(summary["steps"]))
     if summary["final_loss"] is not None:
         table.add_row("final training loss", f"{summary['final_loss']:.4f}")
+    elif summary.get("loss_private"):
+        table.add_row("final training loss", "private (every partner is under DP)")
     if summary.get("held_out"):
         h = summary["held_out"]
         table.add_row("held-out loss", f"{h['loss']:.4f}")

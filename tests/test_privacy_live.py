@@ -45,6 +45,8 @@ def test_epsilon_is_the_accountants_and_a_spent_budget_stops_only_that_partner(
     assert alpha["budget_spent_at_step"] == 34 and alpha["samples"] == 34 * 19
     assert beta["steps_participated"] == 50 and beta["epsilon"] is None
     assert summary["steps"] == 50 and summary["stop_reason"] is None
+    # beta shares its loss: the job has a training loss (beta's).
+    assert not summary["loss_private"] and math.isfinite(summary["final_loss"])
     assert any("partner alpha spent its privacy budget" in e and "alpha stops contributing" in e
                for e in events), events
 
@@ -60,15 +62,22 @@ def test_target_epsilon_alone_lasts_the_run_and_a_spent_budget_can_stop_the_job(
     assert beta["steps_participated"] == 60 and beta["budget_spent_at_step"] is None
     assert 0.9 <= beta["epsilon"] <= 1.0  # most of the budget used, none of it exceeded
 
-    # sigma 2 and target 2: 37 steps at beta's sampling rate 11/90, and the job stops there
+    # sigma 2 and target 2: 37 steps at beta's sampling rate 11/90, and the job stops there.
+    # alpha is under DP too (no budget), so no partner shares its training loss: the job shows
+    # it as private, not as the NaN of a diverged run.
     spec = make_spec(two_partner_data, tmp_path, steps=100)
     spec["partners"][1]["privacy"] = {"dp": {"noise_multiplier": 2.0, "target_epsilon": 2.0,
                                              "max_grad_norm": 1.0, "on_budget_spent": "stop_job"}}
+    spec["partners"][0]["privacy"] = {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
     controller, done = run(spec)
     summary = ray.get(done)
+    progress = ray.get(controller.progress.remote())
     beta = summary["partners"]["beta"]
     assert summary["steps"] == beta["steps_participated"] == beta["budget_spent_at_step"] == 37
     assert summary["stop_reason"] == "a partner's privacy budget is spent"
+    assert summary["loss_private"] and summary["final_loss"] is None and progress["loss"] is None
+    steps_logged = [e for e in progress["events"] if "step 10/100" in e]
+    assert steps_logged and "loss private (DP)" in steps_logged[0], progress["events"]
 
 
 def test_secure_aggregation_trains_like_plain_and_survives_a_lost_worker(

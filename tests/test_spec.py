@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -146,3 +147,20 @@ def test_sparse_masking_needs_secure_aggregation_and_a_positive_count(good, tmp_
     assert load_spec(write(tmp_path, good)).secure_aggregation_neighbours == 2
     good["secure_aggregation_neighbours"] = 0
     assert "secure_aggregation_neighbours" in error_for(tmp_path, good)
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "jobs/configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    """The examples in jobs/configs stay in step with the spec (run for real by the demo and
+    docs/privacy.md's example)."""
+    spec = load_spec(path)
+    assert spec.partners and spec.steps > 0
+
+
+def test_the_private_example_uses_every_privacy_option() -> None:
+    spec = load_spec(next(p for p in SHIPPED_CONFIGS if p.name == "digits_private.yaml"))
+    assert spec.secure_aggregation
+    assert all(p.privacy.dp is not None and p.privacy.dp.target_epsilon for p in spec.partners)

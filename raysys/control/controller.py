@@ -77,6 +77,10 @@ class JobController:
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
         self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
         self.losses: deque[float] = deque(maxlen=20)
+        # A partner under differential privacy keeps its training loss to itself (see
+        # Replica.local_gradients); when every partner does, the job has no training loss to
+        # show, which is not the NaN of a diverged run.
+        self.loss_private = all(p.privacy.dp is not None for p in self.spec.partners)
         self.step_times: deque[float] = deque(maxlen=20)  # slowest worker's compute + sync
         self.chunk_rates: deque[tuple[int, float]] = deque(maxlen=10)  # (samples, wall seconds)
         self.step_log: deque[tuple[int, float, float]] = deque(maxlen=5000)  # step, time, sync
@@ -136,7 +140,7 @@ class JobController:
         """Where the job is; `events` holds the log lines numbered `since` and later."""
         return asdict(Progress(
             state=self.state.label, step=self.step, steps=self.spec.steps,
-            loss=self.losses[-1] if self.losses else None,
+            loss=self.losses[-1] if self.losses and not self.loss_private else None,
             samples_per_s=self._throughput(), step_time_s=self._mean_step_time(),
             workers=self.group.counts(), generation=self.group.generation,
             elapsed_s=time.time() - self.t_start,
@@ -459,7 +463,8 @@ class JobController:
                 epsilon={p: e.epsilon for p, e in self.ledger.partners.items()
                          if e.epsilon is not None})
         if advanced and self.step % self.spec.runtime.log_every_steps < advanced:
-            self._log(f"step {self.step}/{self.spec.steps} loss {self.losses[-1]:.4f} "
+            loss = "private (DP)" if self.loss_private else f"{self.losses[-1]:.4f}"
+            self._log(f"step {self.step}/{self.spec.steps} loss {loss} "
                       f"{self._throughput():.0f} samples/s {self._describe_counts()}")
         return done
 
@@ -623,7 +628,9 @@ class JobController:
             "job": self.spec.name, "state": "finished", "steps": self.step,
             "stop_reason": self.stop_reason,
             "resumed_from_step": self.resumed_from,
-            "final_loss": float(np.mean(list(self.losses)[-5:])) if self.losses else None,
+            "final_loss": float(np.mean(list(self.losses)[-5:]))
+            if self.losses and not self.loss_private else None,
+            "loss_private": self.loss_private,
             "held_out": held_out,
             "partners": self.ledger.to_dict(),
             "batch_per_step": self.batch_sizes, "workers": self.group.counts(),
