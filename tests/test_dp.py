@@ -410,3 +410,36 @@ def test_dp_digits_reaches_the_documented_accuracy_at_epsilon_7(tmp_path) -> Non
         pred = replica.model(torch.from_numpy(test.x)).argmax(1)
     accuracy = float((pred == torch.from_numpy(test.y)).float().mean())
     assert accuracy >= 0.88
+
+
+@pytest.mark.parametrize(("job_steps", "said"), [
+    (40, "the job's last step, as planned"),  # target_epsilon alone: the budget lasts the job
+    (100, "beta stops contributing; the others train on"),  # the budget binds before the end
+])
+def test_a_spent_budget_says_what_happens_next(two_partner_data, tmp_path, job_steps: int,
+                                               said: str) -> None:
+    """PartnerPrivacy silences a partner whose budget is spent, and its message says whether
+    the partner stops while the others train on, or the budget simply ended with the job."""
+    from conftest import make_spec
+
+    from raysys.control.ledger import Ledger
+    from raysys.control.privacy import PartnerPrivacy
+    from raysys.spec import JobSpec
+
+    spec_dict = make_spec(two_partner_data, tmp_path, steps=job_steps)
+    dp = {"target_epsilon": 1.0, "max_grad_norm": 1.0}
+    if job_steps == 100:
+        dp["noise_multiplier"] = 2.0  # and the budget binds at its own step count, not 100
+    spec_dict["partners"][1]["privacy"] = {"dp": dp}
+    spec = JobSpec.model_validate(spec_dict)
+    batches = {"alpha": 19, "beta": 11}
+    privacy = PartnerPrivacy(spec, {"alpha": 150, "beta": 90}, batches)
+    budget_steps = privacy.plans["beta"].budget_steps
+    assert budget_steps == job_steps if job_steps == 40 else budget_steps < job_steps
+    ledger = Ledger(["alpha", "beta"], "t")
+    messages = []
+    for step in range(1, budget_steps + 1):
+        ledger.record_steps(1, privacy.batches(batches), {"alpha": 1, "beta": 1}, {}, {})
+        messages += privacy.record(ledger, step)
+    assert len(messages) == 1 and messages[0].endswith(f"at step {budget_steps}: {said}")
+    assert privacy.silenced == {"beta"} and not privacy.stop_job

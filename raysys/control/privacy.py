@@ -29,6 +29,7 @@ class PartnerPrivacy:
         self.accountants: dict[str, PartnerAccountant] = {}
         self.silenced: set[str] = set()  # budget spent: no longer contributing
         self.stop_job = False
+        self._job_steps = spec.steps
         self._on_spent = {}
         self._epsilon_at = -math.inf  # when epsilon was last written into the ledger
         self._epsilon_steps: dict[str, int] = {}  # the accountant steps it was computed for
@@ -91,8 +92,12 @@ class PartnerPrivacy:
                 self.silenced.add(name)
                 entry.budget_spent_at_step = step
                 self.update_epsilon(ledger, force=True)
-                what = "the job stops" if self._on_spent[name] == "stop_job" else (
-                    f"{name} stops contributing; the others train on")
+                if step >= self._job_steps:  # a target_epsilon plan ends with the job
+                    what = "the job's last step, as planned"
+                elif self._on_spent[name] == "stop_job":
+                    what = "the job stops"
+                else:
+                    what = f"{name} stops contributing; the others train on"
                 messages.append(
                     f"partner {name} spent its privacy budget (epsilon {entry.epsilon:.3f} of "
                     f"{plan.target_epsilon:g}, delta {plan.delta:g}) at step {step}: {what}")
