@@ -152,15 +152,30 @@ def test_sparse_masking_needs_secure_aggregation_and_a_positive_count(good, tmp_
 SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "jobs/configs").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory holding what `raysys data demo` writes (the configs' data paths are
+    relative to it; a fresh clone has no data/)."""
+    from raysys.data.demo import write_digits_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    write_digits_demo(root / "data/digits")
+    return root
+
+
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_is_valid(path: Path) -> None:
+def test_every_shipped_config_is_valid(path: Path, demo_data: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The examples in jobs/configs stay in step with the spec (run for real by the demo and
     docs/privacy.md's example)."""
+    monkeypatch.chdir(demo_data)
     spec = load_spec(path)
     assert spec.partners and spec.steps > 0
 
 
-def test_the_private_example_uses_every_privacy_option() -> None:
+def test_the_private_example_uses_every_privacy_option(demo_data: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(demo_data)
     spec = load_spec(next(p for p in SHIPPED_CONFIGS if p.name == "digits_private.yaml"))
     assert spec.secure_aggregation
     assert all(p.privacy.dp is not None and p.privacy.dp.target_epsilon for p in spec.partners)
