@@ -183,6 +183,10 @@ class _MaskBuffers:
     future: Future | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
+    def fits(self, sizes: list[int], dtype: torch.dtype) -> bool:
+        """Whether these buffers have the shape of encoding buffers of `sizes` words of `dtype`."""
+        return [e.numel() for e in self.enc] == sizes and self.ks.dtype == dtype
+
 
 class SecureAggregator:
     """One worker's secure-aggregation state; call setup() once per generation.
@@ -536,8 +540,7 @@ class SecureAggregator:
         if not (self.mask_ahead and self.masking) or stride <= 0 or sum(sizes) < CHUNK:
             return
         buf = self._ahead
-        if buf is None or [e.numel() for e in buf.enc] != sizes or \
-                buf.ks.dtype != self.wire_dtype:
+        if buf is None or not buf.fits(sizes, self.wire_dtype):
             enc, enc_bytes = _buffers(sizes, self.wire_dtype)
             ks = torch.empty_like(self._ks)
             buf = self._ahead = _MaskBuffers(enc, enc_bytes, ks, memoryview(ks.numpy()).cast("B"))
@@ -553,8 +556,7 @@ class SecureAggregator:
         buf = self._ahead
         if buf is None or buf.future is None:
             return False
-        if buf.step != step or [e.numel() for e in buf.enc] != [e.numel() for e in self._enc] \
-                or buf.ks.dtype != self.wire_dtype:
+        if buf.step != step or not buf.fits([e.numel() for e in self._enc], self.wire_dtype):
             self._drop_ahead()
             return False
         try:
