@@ -727,6 +727,9 @@ def test_a_failed_drawing_falls_back_inline_and_close_stops_a_drawing() -> None:
     before = {t for t in threading.enumerate() if t.name.startswith("secagg-masks")}
     results = ok(run_ranks(2, broken_then_blocked))
     for rank, (seen, agg, calls) in enumerate(results):
+        deadline = time.monotonic() + 10  # the drawing of step 3 starts on the pool's thread
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert calls == [1, 2, 3]
         assert [s[4] for s in seen] == [0, 0, 1]  # step 1 drawn inline, step 2 ahead
         for step in (1, 2):
