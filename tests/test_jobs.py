@@ -160,8 +160,11 @@ def test_two_jobs_at_once_and_ray_job_stop_leaves_nothing_behind(head):
     long one goes on with the same workers, and `ray job stop` then leaves no actor or
     placement group of either behind."""
     client = head["client"]
-    long_id = raysys_submit(head, write_config(head["work"], "long", steps=100_000)
-                            ).stdout.strip()
+    # The long job only has to stay up: a slow emulated link (each exchange waits 0.2 s) keeps it
+    # from spinning on the host's two cores while the short job starts and runs.
+    long_id = raysys_submit(head, write_config(
+        head["work"], "long", steps=100_000,
+        runtime={"steps_per_call": 5, "cross_partner_delay_ms": 200})).stdout.strip()
     long_actors = {"raysys:long:controller", "raysys:long:agent", "raysys:long:alpha:0",
                    "raysys:long:beta:0"}
     deadline = time.time() + 180
