@@ -49,6 +49,7 @@ def latencies(policy_name: str, decisions: int, checkpoint: str | None) -> list[
                 start = time.perf_counter()
                 decision = guard.filter(policy.decide(snap), snap)
                 out.append(time.perf_counter() - start)
+                policy.learn()  # after the decision is out (the AgentActor's order)
                 sim.apply(decision)
                 sim.advance(sim.interval_s)
             if len(out) >= decisions:

@@ -47,6 +47,7 @@ def analytic_rate(
             while not sim.done:
                 snap = sim.snapshot()
                 sim.apply(guard.filter(policy.decide(snap), snap))
+                policy.learn()
                 sim.advance(sim.interval_s)
                 decisions += 1
         seed += 1

@@ -47,6 +47,7 @@ def test_every_decision_passes_the_guardrails(scenario) -> None:
             break
         snap = sim.snapshot()
         decision = policy.decide(snap)
+        policy.learn()
         safe = guard.filter(decision, snap)
         if not isinstance(decision, Noop):
             acted += 1

@@ -31,7 +31,8 @@ def test_tiny_training_run_gives_a_loadable_policy(tmp_path) -> None:
         num_epochs=1,
         num_envs_per_env_runner=2,
         hidden=(16, 16),
-        prior="goodput",
+        advisor=True,  # the advisor's features and action, and a clone that follows it
+        prior="advisor",
         prior_rounds=((1, 0.0), (1, 0.5)),
         prior_epochs=1,
         eval_seeds=0,
@@ -47,7 +48,8 @@ def test_tiny_training_run_gives_a_loadable_policy(tmp_path) -> None:
         sim = Simulator(scenario, seed=3)
         for _ in range(50):
             snap = sim.snapshot()
-            index = policy.action_index(snap)  # one observation per Snapshot (history)
-            assert guard.mask(snap, policy.action_space)[index]
-            sim.apply(guard.filter(policy.action_space.decode(index, snap), snap))
+            index = policy.action_index(snap)  # one observation per Snapshot (history, advisor)
+            follows = index == policy.advisor.follow_action  # its proposal passed the Guardrails
+            assert follows or guard.mask(snap, policy.action_space)[index]
+            sim.apply(guard.filter(policy.advisor.decision(index, snap), snap))
             sim.advance(sim.interval_s)

@@ -111,12 +111,19 @@ class AgentActor:
                     self._record_outcome(pending, snapshot)
                     pending = None
                 pending = self._decide(snapshot)
+                self._learn()  # after the decision is out: off the Snapshot -> Decision path
         finally:
             self._done.set()
 
     def _sleep(self, seconds: float) -> bool:
         """Nap in short pieces so stop() takes effect at once; False once stopped."""
         return not self._stop.wait(seconds)
+
+    def _learn(self) -> None:
+        try:
+            self.policy.learn()
+        except Exception as exc:
+            self._fall_back(f"policy '{self.policy_name}' failed to learn ({exc!r})")
 
     def _decide(self, snapshot: Snapshot) -> dict | None:
         t0 = time.perf_counter()

@@ -184,8 +184,12 @@ def train(
         help="keep the held-out trace's scenarios, with the other profiles swapped in")] = False,
     profile_csv: Annotated[list[str] | None, typer.Option(
         help="live profile to swap in")] = None,
+    advisor: Annotated[bool, typer.Option(
+        help="give the policy goodput's proposal as features and as one action (use with "
+             "--prior advisor)")] = False,
     prior: Annotated[str, typer.Option(
-        help="teacher for the behaviour-cloning start, or 'none' for PPO from a random network")
+        help="behaviour-cloning start: a heuristic to imitate (goodput), 'advisor' (follow it "
+             "everywhere; needs --advisor), or 'none' for PPO from a random network")
     ] = "goodput",
     eval_seeds: Annotated[int, typer.Option(help="0: skip the evaluation")] = 10,
     ship: Annotated[bool, typer.Option(
@@ -207,6 +211,7 @@ def train(
         exclude_traces=tuple(exclude_trace or ()),
         keep_excluded_layouts=keep_excluded_layouts,
         profile_csvs=tuple(profile_csv or ()),
+        advisor=advisor,
         prior=None if prior.lower() == "none" else prior,
         eval_seeds=eval_seeds,
     )

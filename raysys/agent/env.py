@@ -37,7 +37,7 @@ from raysys.agent.scenarios import (
 )
 from raysys.agent.sim import Simulator
 from raysys.agent.sim_events import DEFAULT_VARIATION, Variation
-from raysys.control.decisions import describe
+from raysys.control.decisions import Decision, describe
 from raysys.control.guardrails import Guardrails
 from raysys.control.snapshot import Snapshot
 
@@ -123,7 +123,7 @@ class ClusterEnv(gym.Env):
         if self.sim is None or self._snapshot is None:
             raise RuntimeError("call reset() before step()")
         snap = self._snapshot
-        decision = self.guardrails.filter(self.action_vocabulary.decode(int(action), snap), snap)
+        decision = self.guardrails.filter(self._decode(int(action), snap), snap)
         applied = self.sim.apply(decision)
         before, samples = self.sim.score, self.sim.samples_done
         self.sim.advance(self.sim.interval_s)
@@ -145,6 +145,9 @@ class ClusterEnv(gym.Env):
                 worker_seconds=self.sim.worker_seconds,
             )
         return obs, float(reward), terminated, False, info
+
+    def _decode(self, action: int, snapshot: Snapshot) -> Decision:
+        return self.action_vocabulary.decode(action, snapshot)
 
     def _observe(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         snap = self._snapshot

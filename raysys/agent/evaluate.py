@@ -57,6 +57,7 @@ def run_episode(
         while not sim.done:
             snap = sim.snapshot()
             decision = guard.filter(policy.decide(snap), snap)
+            policy.learn()
             decisions += 1
             if not isinstance(decision, Noop) and sim.apply(decision):
                 actions += 1

@@ -40,10 +40,16 @@ class _Point:
 class OnlineStepTimeFit:
     """Least-squares fit of StepTimeModel to per-worker step times, with Pollux's priors."""
 
-    def __init__(self) -> None:
+    def __init__(self, growth: float = 0.0, max_evaluations: int = 60) -> None:
+        # Refit when a new (workers, nodes) configuration was seen, or when the points grew by
+        # more than `growth` since the last fit (0: at every new point). Rebalances make a new
+        # point per local batch: hundreds per episode, at ~50 ms per refit.
+        self.growth = growth
+        self.max_evaluations = max_evaluations
         self.points: dict[tuple, _Point] = {}
         self.model: StepTimeModel | None = None
         self._fitted_keys = 0
+        self._configs: set[tuple[int, int]] = set()  # (workers, nodes) in the last fit
         self._last_x: np.ndarray | None = None  # warm start: each refit adds only a few points
 
     def observe(
@@ -57,9 +63,14 @@ class OnlineStepTimeFit:
         point.count += 1
 
     def refit_if_new(self) -> StepTimeModel | None:
-        if self.points and len(self.points) != self._fitted_keys:
+        n = len(self.points)
+        if n == self._fitted_keys:
+            return self.model
+        configs = {(p.workers, p.nodes) for p in self.points.values()}
+        if n > self._fitted_keys * (1 + self.growth) or not configs <= self._configs:
             self.model = self._fit()
-            self._fitted_keys = len(self.points)
+            self._fitted_keys = n
+            self._configs = configs
         return self.model
 
     def _fit(self) -> StepTimeModel:
@@ -121,7 +132,8 @@ class OnlineStepTimeFit:
             )
         start = np.clip(start, bounds[0] + 1e-6, bounds[1] - 1e-6)
         result = least_squares(
-            residuals, start, bounds=bounds, method="trf", max_nfev=60, ftol=1e-6, xtol=1e-6
+            residuals, start, bounds=bounds, method="trf", max_nfev=self.max_evaluations,
+            ftol=1e-6, xtol=1e-6,
         )
         self._last_x = result.x
         return build(result.x)
@@ -139,6 +151,9 @@ class GoodputGreedyPolicy(Policy):
         min_gain: float = 0.03,
         settle_s: float = 20.0,
         rescale_cost_s: float = 2.0,
+        refit_after_deciding: bool = False,
+        refit_growth: float = 0.0,
+        fit_evaluations: int = 60,
     ) -> None:
         super().__init__(cost_per_worker_second)
         self.straggler_ratio = straggler_ratio
@@ -146,10 +161,14 @@ class GoodputGreedyPolicy(Policy):
         self.min_gain = min_gain  # relative improvement needed before moving
         self.settle_s = settle_s  # measurements just after a rescale include its stall
         self.rescale_cost_s = rescale_cost_s  # assumed stall of a scale, until one is observed
+        # True: decide with the model fitted so far and refit in learn(), off the decision path
+        # (a refit costs tens of ms, docs/benchmarks.md section 4); decisions lag one interval.
+        self.refit_after_deciding = refit_after_deciding
+        self._fit_options = {"growth": refit_growth, "max_evaluations": fit_evaluations}
         self.reset()
 
     def reset(self) -> None:
-        self.fit = OnlineStepTimeFit()
+        self.fit = OnlineStepTimeFit(**self._fit_options)
 
     def decide(self, snapshot: Snapshot) -> Decision:
         last = snapshot.last_rescale_time_s
@@ -161,8 +180,12 @@ class GoodputGreedyPolicy(Policy):
         fixed = self._fix_stragglers(snapshot)
         if fixed is not NOOP:
             return fixed
-        model = self.fit.refit_if_new()
+        model = self.fit.model if self.refit_after_deciding else self.fit.refit_if_new()
         return self._best_scale(snapshot, model) if model is not None else NOOP
+
+    def learn(self) -> None:
+        if self.refit_after_deciding:
+            self.fit.refit_if_new()
 
     def _observe(self, snapshot: Snapshot) -> None:
         live = [w for w in snapshot.workers if w.alive and w.step_time_s > 0]

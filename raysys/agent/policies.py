@@ -47,6 +47,11 @@ class Policy(ABC):
     @abstractmethod
     def decide(self, snapshot: Snapshot) -> Decision: ...
 
+    def learn(self) -> None:  # noqa: B027  (optional hook)
+        """Called once the decision has been handed on, before the next Snapshot: work that
+        can wait (refitting a model on what decide() saw) stays off the Snapshot -> Decision
+        path. Every loop that calls decide() calls this after it (evaluator, env, AgentActor)."""
+
 
 def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
     """Class (or factory) decorator adding a policy to the registry under `name`."""

@@ -40,11 +40,17 @@ def model_card(run_dir: Path, size_bytes: int) -> str:
     prior = info.get("prior") or {}
     held_out = ", ".join(cfg["exclude_traces"]) or "none"
     memory = " plus the 14 history features of raysys/agent/rl/history.py" if cfg["history"] else ""
+    advised = bool(cfg.get("advisor"))
+    advice = (
+        " plus the advisor's 17 (raysys/agent/rl/advisor.py: goodput's proposal, one-hot); 18 "
+        "logits, the last one 'follow the advisor', the others"
+        if advised else "; 17 logits"
+    )
     lines = [
         "# Model card: the shipped RL policy (`rl`, raysys/agent/policies/default)",
         "",
         "An RLlib RLModule (`raysys.agent.rl.module.MaskedActorCritic`): two MLP towers "
-        f"{cfg['hidden']} (policy, value) over featurize()'s 141 features{memory}; 17 logits "
+        f"{cfg['hidden']} (policy, value) over featurize()'s 141 features{memory}{advice} "
         "masked by Guardrails.mask; deterministic masked argmax at decision time. "
         f"{size_bytes / 1024:.0f} KiB on disk.",
         "",
@@ -65,7 +71,15 @@ def model_card(run_dir: Path, size_bytes: int) -> str:
         f"{cfg['clip_param']}, entropy {cfg['entropy_coeff']}, batch {cfg['train_batch_size']}, "
         f"minibatch {cfg['minibatch_size']}, {cfg['num_epochs']} epochs",
     ]
-    if cfg.get("prior"):
+    if cfg.get("prior") == "advisor":
+        lines += [
+            "- **advisor prior**: the network was first behaviour-cloned to follow the advisor "
+            f"in every state (DAgger rounds {cfg['prior_rounds']}, label smoothing "
+            f"{cfg.get('prior_smoothing', 0.0)} over the other allowed actions), i.e. to start "
+            "as goodput, then trained by PPO on the objective to deviate where that pays. The "
+            "advisor (goodput's online fit) runs at decision time as part of the policy.",
+        ]
+    elif cfg.get("prior"):
         lines += [
             f"- **heuristic prior**: the network was first behaviour-cloned from the "
             f"`{cfg['prior']}` policy (DAgger rounds {cfg['prior_rounds']}, episodes x share "
@@ -100,6 +114,8 @@ def command_for(cfg: dict, iterations: int | None = None) -> str:
     if cfg.get("keep_excluded_layouts"):
         parts.append("--keep-excluded-layouts")
     parts += [f"--profile-csv {c}" for c in cfg["profile_csvs"]]
+    if cfg.get("advisor", False):
+        parts.append("--advisor")
     parts.append(f"--prior {cfg['prior'] or 'none'}")
     return " ".join(parts)
 

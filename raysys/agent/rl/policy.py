@@ -105,22 +105,28 @@ class RLPolicy(Policy):
         spaces = self.module.observation_space
         n_actions = int(self.module.action_space.n)
         n_features = int(spaces["observations"].shape[0])
-        # The layout the module was trained with: partners from its action count, workers per
-        # partner recorded in its model_config by the trainer.
-        self.action_space = ActionSpace(max_partners=max((n_actions - 1) // 4, 1))
+        # The layout the module was trained with: partners from its action count (less the
+        # advisor's action), workers per partner recorded in its model_config by the trainer.
+        advised = bool(self.module.model_config.get("advisor"))
+        per_partner = ActionSpace.ACTIONS_PER_PARTNER
+        self.action_space = ActionSpace(max((n_actions - 1 - advised) // per_partner, 1))
         self.max_partners = self.action_space.max_partners
         self.max_workers_per_partner = int(
             self.module.model_config.get("max_workers_per_partner", 8)
         )
+        from raysys.agent.rl.advisor import Advisor
         from raysys.agent.rl.history import History
 
         # Trained with HistoryEnv: the same memory of past Snapshots, reset with the policy.
         self.history = (
             History(self.max_partners) if self.module.model_config.get("history") else None
         )
+        # Trained with the advisor: goodput consulted on every Snapshot, one action to follow it.
+        self.advisor = Advisor(self.action_space) if advised else None
         expected = len(featurize(_EMPTY, self.max_partners, self.max_workers_per_partner))
         expected += self.history.size if self.history is not None else 0
-        if self.action_space.n != n_actions or expected != n_features:
+        expected += self.advisor.size if self.advisor is not None else 0
+        if self.action_space.n + advised != n_actions or expected != n_features:
             raise CheckpointError(
                 f"RL checkpoint {self.checkpoint}: {n_features} features / {n_actions} actions "
                 f"do not match featurize ({expected}) / ActionSpace ({self.action_space.n})"
@@ -136,6 +142,12 @@ class RLPolicy(Policy):
     def reset(self) -> None:
         if self.history is not None:
             self.history.reset()
+        if self.advisor is not None:
+            self.advisor.reset()
+
+    def learn(self) -> None:
+        if self.advisor is not None:
+            self.advisor.learn()
 
     def observe(self, snapshot: Snapshot) -> tuple[np.ndarray, np.ndarray]:
         """(features, mask) exactly as the training env built its observation. Call once per
@@ -143,10 +155,15 @@ class RLPolicy(Policy):
         features = featurize(
             snapshot, self.max_partners, self.max_workers_per_partner, self.cost_per_worker_second
         )
+        parts = [features]
         if self.history is not None:
-            extra = self.history.update(snapshot, self.cost_per_worker_second)
-            features = np.concatenate([features, extra])
-        return features, self.guardrails.mask(snapshot, self.action_space)
+            parts.append(self.history.update(snapshot, self.cost_per_worker_second))
+        mask = self.guardrails.mask(snapshot, self.action_space)
+        if self.advisor is not None:
+            parts.append(self.advisor.update(
+                snapshot, self.guardrails, mask, self.cost_per_worker_second))
+            mask = np.append(mask, True)  # following the (already filtered) proposal
+        return np.concatenate(parts), mask
 
     def action_index(self, snapshot: Snapshot) -> int:
         features, mask = self.observe(snapshot)
@@ -156,7 +173,10 @@ class RLPolicy(Policy):
         return int(self.module.act_greedy(x, m)[0])
 
     def decide(self, snapshot: Snapshot) -> Decision:
-        return self.action_space.decode(self.action_index(snapshot), snapshot)
+        index = self.action_index(snapshot)
+        if self.advisor is not None:
+            return self.advisor.decision(index, snapshot)
+        return self.action_space.decode(index, snapshot)
 
 
 def _empty_snapshot() -> Snapshot:

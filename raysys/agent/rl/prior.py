@@ -14,6 +14,11 @@ behaviour cloning (DAgger-style):
 
 PPO then optimises the objective itself from this starting point; nothing of the teacher is
 used at decision time. The model card says whether a shipped policy was trained this way.
+
+With the advisor (advisor.py) the teacher is `ADVISOR`: every state is labelled "follow the
+advisor", so the clone is goodput exactly. Label smoothing (`smoothing`, a share of the target
+spread over the allowed actions) keeps the clone from being certain, so that PPO's sampling still
+tries the other actions and can learn where they pay.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import torch
 from raysys.agent.env import ClusterEnv  # or HistoryEnv, a subclass
 from raysys.agent.policies import make_policy
 from raysys.agent.rl.module import MaskedActorCritic, masked_logits
+
+ADVISOR = "advisor"  # the teacher that labels every state "follow the advisor" (advisor.py)
 
 
 @dataclass
@@ -62,11 +69,16 @@ def collect(
     """Episodes of `env` labelled by `teacher`; the student drives `student_share` of them."""
     rng = np.random.default_rng(seed)
     space = env.action_vocabulary
+    advisor = getattr(env, "advisor", None)
+    if teacher == ADVISOR and advisor is None:
+        raise ValueError("prior: the 'advisor' teacher needs the advisor (advisor: true)")
     feats, masks, labels, returns = [], [], [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed * 100_003 + episode)
-        policy = make_policy(teacher, cost_per_worker_second=env.sim.cost_per_worker_second)
-        policy.reset()
+        policy = None
+        if teacher != ADVISOR:
+            policy = make_policy(teacher, cost_per_worker_second=env.sim.cost_per_worker_second)
+            policy.reset()
         student_drives = student is not None and rng.random() < student_share
         rewards: list[float] = []
         done = False
@@ -74,10 +86,14 @@ def collect(
             # ClusterEnv keeps the Snapshot its observation was built from; the teacher must
             # see that one (a second sim.snapshot() would move the measurement window).
             snap = env._snapshot
-            wanted = env.guardrails.filter(policy.decide(snap), snap)
-            label = space.encode(wanted, snap)
-            if obs["action_mask"][label] < 0.5:
-                label = 0
+            if policy is None:
+                label = advisor.follow_action
+            else:
+                wanted = env.guardrails.filter(policy.decide(snap), snap)
+                policy.learn()
+                label = space.encode(wanted, snap)
+                if obs["action_mask"][label] < 0.5:
+                    label = 0
             action = label
             if student_drives:
                 x = torch.from_numpy(obs["observations"]).unsqueeze(0)
@@ -108,8 +124,10 @@ def fit(
     lr: float = 1e-3,
     batch_size: int = 512,
     seed: int = 0,
+    smoothing: float = 0.0,
 ) -> dict[str, float]:
-    """Supervised fit of both towers; returns the last epoch's losses and label accuracy."""
+    """Supervised fit of both towers; returns the last epoch's losses and label accuracy.
+    `smoothing` of the target goes evenly to the allowed actions (masked ones get none)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(data.features)
     m = torch.from_numpy(data.masks)
@@ -125,6 +143,11 @@ def fit(
             idx = order[start : start + batch_size]
             logits = masked_logits(module.pi(x[idx]), m[idx])
             pi_loss = torch.nn.functional.cross_entropy(logits, y[idx])
+            if smoothing > 0:
+                allowed = m[idx] > 0.5
+                log_p = torch.where(allowed, torch.log_softmax(logits, dim=-1), 0.0)
+                spread = -(log_p.sum(-1) / allowed.sum(-1)).mean()
+                pi_loss = (1 - smoothing) * pi_loss + smoothing * spread
             vf_loss = torch.nn.functional.mse_loss(module.vf(x[idx]).squeeze(-1), r[idx])
             opt.zero_grad()
             (pi_loss + 0.5 * vf_loss).backward()
@@ -150,6 +173,7 @@ def pretrain(
     gamma: float,
     seed: int,
     log: Callable[[str], None] = print,
+    smoothing: float = 0.0,
 ) -> dict[str, float]:
     """DAgger rounds of (episodes, student share), refitting on everything gathered so far."""
     parts: list[Demonstrations] = []
@@ -158,7 +182,7 @@ def pretrain(
         student = module if share > 0 else None
         parts.append(collect(env, teacher, episodes, seed + 1000 * i, gamma, student, share))
         data = Demonstrations.concat(parts)
-        stats = fit(module, data, epochs, seed=seed + i)
+        stats = fit(module, data, epochs, seed=seed + i, smoothing=smoothing)
         log(
             f"prior round {i}: {episodes} episodes (student drives {share:.0%}), "
             f"{len(data)} states; accuracy {stats['accuracy']:.3f}, on the teacher's actions "

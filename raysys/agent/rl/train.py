@@ -45,6 +45,7 @@ class TrainConfig:
     profile_csvs: tuple[str, ...] = ()  # measured live profiles (raysys profile) to swap in
     # -- environment -------------------------------------------------------------------------
     history: bool = True  # append the policy's memory of its rescales (history.py)
+    advisor: bool = False  # goodput's proposal as features and as one action (advisor.py)
     reward_scale_s: float = 10.0  # rewards in units of one decision interval
     progress_shaping: bool = True  # potential-based; same optimum (docs/agent.md)
     # -- PPO -----------------------------------------------------------------------------------
@@ -64,9 +65,12 @@ class TrainConfig:
     hidden: tuple[int, ...] = (64, 64)
     noop_bias: float = 2.0
     # -- teacher prior (prior.py); None trains PPO from a random network --------------------------
+    # A heuristic to imitate, "advisor" (follow the advisor everywhere; needs advisor=True) or
+    # None: PPO from a random network (prior.py).
     prior: str | None = "goodput"
     prior_rounds: tuple[tuple[int, float], ...] = ((150, 0.0), (100, 0.5))
     prior_epochs: int = 20
+    prior_smoothing: float = 0.1  # target share spread over the other allowed actions
     # -- evaluation after training ------------------------------------------------------------
     eval_seeds: int = 10
     eval_baselines: tuple[str, ...] = ("threshold", "goodput")
@@ -87,6 +91,19 @@ class TrainResult:
     eval_table: str = ""
 
 
+def check_prior(cfg: TrainConfig) -> None:
+    """A prior that cannot run is an error before anything starts."""
+    from raysys.agent.policies import available_policies
+    from raysys.agent.rl.prior import ADVISOR
+
+    if cfg.prior == ADVISOR and not cfg.advisor:
+        raise ValueError("prior: 'advisor' needs the advisor (--advisor); without it use "
+                         "--prior goodput (or none)")
+    if cfg.prior not in (None, ADVISOR) and cfg.prior not in available_policies():
+        raise ValueError(f"prior: unknown teacher {cfg.prior!r}; known: "
+                         f"{', '.join([ADVISOR, *available_policies()])}, or none")
+
+
 def env_config(cfg: TrainConfig, scenarios: list) -> dict[str, Any]:
     return {
         "scenarios": scenarios,
@@ -96,6 +113,7 @@ def env_config(cfg: TrainConfig, scenarios: list) -> dict[str, Any]:
         "max_partners": cfg.max_partners,
         "max_workers_per_partner": cfg.max_workers_per_partner,
         "history": cfg.history,
+        "advisor": cfg.advisor,
     }
 
 
@@ -111,6 +129,7 @@ def module_spec(cfg: TrainConfig):
             "noop_bias": cfg.noop_bias,
             "max_workers_per_partner": cfg.max_workers_per_partner,
             "history": cfg.history,  # RLPolicy must rebuild the same observation
+            "advisor": cfg.advisor,  # ... and the same actions
         },
     )
 
@@ -204,7 +223,8 @@ def _pretrain(cfg: TrainConfig, algo, scenarios: list, log: Callable[[str], None
         model_config=spec.model_config,
     )
     stats = pretrain(
-        module, env, cfg.prior, list(cfg.prior_rounds), cfg.prior_epochs, cfg.gamma, cfg.seed, log
+        module, env, cfg.prior, list(cfg.prior_rounds), cfg.prior_epochs, cfg.gamma, cfg.seed, log,
+        smoothing=cfg.prior_smoothing,
     )
     # Kept beside the trained module: evaluating it shows what PPO added to the imitation.
     prior_dir = (Path(cfg.out) / "prior_module").resolve()
@@ -224,6 +244,7 @@ def train(
     # Batch-8 forwards of a 64-wide MLP: extra threads only spin (measured 5 ms vs 40 us per
     # layer on this 2-core machine with 2 threads vs 1).
     torch.set_num_threads(1)
+    check_prior(cfg)
 
     from raysys.agent.env import resolve_scenarios
     from raysys.agent.rl.distribution import training_distribution
