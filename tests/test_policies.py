@@ -98,6 +98,26 @@ def test_goodput_replaces_a_persistent_straggler() -> None:
     assert goodput.score < 0.8 * static.score
 
 
+def test_goodput_neither_refits_nor_acts_on_a_snapshot_without_a_new_step() -> None:
+    """Live, a collective hung on a lost node shows the same step times until it times out:
+    goodput must not count them again, nor ask again for a move that has not run yet."""
+    scenario = scenario_from_dict(STRAGGLER)
+    policy = make_policy("goodput", cost_per_worker_second=0.02)
+    sim = Simulator(scenario, seed=0)
+    decision = NOOP
+    while decision == NOOP and sim.time_s < 300:
+        sim.advance(10)
+        snap = sim.snapshot()
+        decision = policy.decide(snap)
+    assert decision != NOOP  # a move it wants (not applied: as if the job stalled first)
+    seen = sum(p.count for p in policy.fit.points.values())
+    assert policy.decide(snap) == NOOP  # the same step again: the job is stalled
+    assert sum(p.count for p in policy.fit.points.values()) == seen
+    sim.advance(10)
+    assert policy.decide(sim.snapshot()) != NOOP  # progress: it looks, and asks, again
+    assert sum(p.count for p in policy.fit.points.values()) > seen
+
+
 def test_goodput_fits_the_model_it_observes() -> None:
     scenario = tiny()
     policy = make_policy("goodput", cost_per_worker_second=0.0)

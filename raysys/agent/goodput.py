@@ -169,11 +169,19 @@ class GoodputGreedyPolicy(Policy):
 
     def reset(self) -> None:
         self.fit = OnlineStepTimeFit(**self._fit_options)
+        self._looked_at_step: int | None = None
 
     def decide(self, snapshot: Snapshot) -> Decision:
         last = snapshot.last_rescale_time_s
         if last is not None and snapshot.time_s - last < self.settle_s:
             return NOOP
+        if self._looked_at_step is not None and snapshot.step <= self._looked_at_step:
+            # No step since the last look (live: a collective hung on a lost node): the step
+            # times are the same stale ones. Fitting them again would weigh them twice, paired
+            # with the local batches of a rebalance that has not run yet, and they would ask
+            # for that same rebalance again. (The simulator always makes progress.)
+            return NOOP
+        self._looked_at_step = snapshot.step
         if snapshot.last_rescale_cost_s > 0:
             self.rescale_cost_s = snapshot.last_rescale_cost_s
         self._observe(snapshot)
