@@ -40,12 +40,11 @@ class _Point:
 class OnlineStepTimeFit:
     """Least-squares fit of StepTimeModel to per-worker step times, with Pollux's priors."""
 
-    def __init__(self, growth: float = 0.0, max_evaluations: int = 60) -> None:
+    def __init__(self, growth: float = 0.0) -> None:
         # Refit when a new (workers, nodes) configuration was seen, or when the points grew by
         # more than `growth` since the last fit (0: at every new point). Rebalances make a new
         # point per local batch: hundreds per episode, at ~50 ms per refit.
         self.growth = growth
-        self.max_evaluations = max_evaluations
         self.points: dict[tuple, _Point] = {}
         self.model: StepTimeModel | None = None
         self._fitted_keys = 0
@@ -132,8 +131,7 @@ class OnlineStepTimeFit:
             )
         start = np.clip(start, bounds[0] + 1e-6, bounds[1] - 1e-6)
         result = least_squares(
-            residuals, start, bounds=bounds, method="trf", max_nfev=self.max_evaluations,
-            ftol=1e-6, xtol=1e-6,
+            residuals, start, bounds=bounds, method="trf", max_nfev=60, ftol=1e-6, xtol=1e-6
         )
         self._last_x = result.x
         return build(result.x)
@@ -153,7 +151,6 @@ class GoodputGreedyPolicy(Policy):
         rescale_cost_s: float = 2.0,
         refit_after_deciding: bool = False,
         refit_growth: float = 0.0,
-        fit_evaluations: int = 60,
     ) -> None:
         super().__init__(cost_per_worker_second)
         self.straggler_ratio = straggler_ratio
@@ -164,11 +161,11 @@ class GoodputGreedyPolicy(Policy):
         # True: decide with the model fitted so far and refit in learn(), off the decision path
         # (a refit costs tens of ms, docs/benchmarks.md section 4); decisions lag one interval.
         self.refit_after_deciding = refit_after_deciding
-        self._fit_options = {"growth": refit_growth, "max_evaluations": fit_evaluations}
+        self.refit_growth = refit_growth
         self.reset()
 
     def reset(self) -> None:
-        self.fit = OnlineStepTimeFit(**self._fit_options)
+        self.fit = OnlineStepTimeFit(growth=self.refit_growth)
         self._looked_at_step: int | None = None
 
     def decide(self, snapshot: Snapshot) -> Decision:

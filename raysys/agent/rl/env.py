@@ -19,6 +19,7 @@ from raysys.agent.env import ClusterEnv
 from raysys.agent.featurize import FEATURE_MAX
 from raysys.agent.rl.advisor import Advisor
 from raysys.agent.rl.history import History
+from raysys.agent.rl.observation import extend
 from raysys.control.decisions import Decision
 from raysys.control.snapshot import Snapshot
 
@@ -62,14 +63,9 @@ class HistoryEnv(ClusterEnv):
     def _observe(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         # ClusterEnv builds every observation here, from the Snapshot it just took.
         obs, info = super()._observe()
-        parts = [obs["observations"]]
-        cost = self.sim.cost_per_worker_second
-        if self.history is not None:
-            parts.append(self.history.update(self._snapshot, cost))
-        if self.advisor is not None:
-            parts.append(self.advisor.update(self._snapshot, self.guardrails, self._mask, cost))
-            self._mask = np.append(self._mask, True)
-            obs["action_mask"] = self._mask.astype(np.float32)
-            info["action_mask"] = self._mask.copy()
-        obs["observations"] = np.concatenate(parts)
+        obs["observations"], self._mask = extend(
+            obs["observations"], self._mask, self._snapshot, self.history, self.advisor,
+            self.guardrails, self.sim.cost_per_worker_second)
+        obs["action_mask"] = self._mask.astype(np.float32)
+        info["action_mask"] = self._mask.copy()
         return obs, info

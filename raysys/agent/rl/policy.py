@@ -129,7 +129,8 @@ class RLPolicy(Policy):
         if self.action_space.n + advised != n_actions or expected != n_features:
             raise CheckpointError(
                 f"RL checkpoint {self.checkpoint}: {n_features} features / {n_actions} actions "
-                f"do not match featurize ({expected}) / ActionSpace ({self.action_space.n})"
+                f"do not match featurize ({expected}) / ActionSpace "
+                f"({self.action_space.n + advised})"
             )
         import torch
 
@@ -155,15 +156,11 @@ class RLPolicy(Policy):
         features = featurize(
             snapshot, self.max_partners, self.max_workers_per_partner, self.cost_per_worker_second
         )
-        parts = [features]
-        if self.history is not None:
-            parts.append(self.history.update(snapshot, self.cost_per_worker_second))
+        from raysys.agent.rl.observation import extend
+
         mask = self.guardrails.mask(snapshot, self.action_space)
-        if self.advisor is not None:
-            parts.append(self.advisor.update(
-                snapshot, self.guardrails, mask, self.cost_per_worker_second))
-            mask = np.append(mask, True)  # following the (already filtered) proposal
-        return np.concatenate(parts), mask
+        return extend(features, mask, snapshot, self.history, self.advisor, self.guardrails,
+                      self.cost_per_worker_second)
 
     def action_index(self, snapshot: Snapshot) -> int:
         features, mask = self.observe(snapshot)
