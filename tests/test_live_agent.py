@@ -6,7 +6,7 @@ import time
 
 import pytest
 import ray
-from conftest import make_spec
+from conftest import make_spec, write_table
 from test_elastic import wait_for
 
 from raysys import chaos
@@ -129,14 +129,19 @@ def test_a_killed_agent_is_restarted_and_steers_again(ray_cluster, two_partner_d
         ray.kill(controller)
 
 
-def test_rl_agent_recovers_a_lost_node_and_uses_new_capacity(
-        ray_cluster, two_partner_data, tmp_path):
+def test_rl_agent_recovers_a_lost_node_and_uses_new_capacity(ray_cluster, tmp_path):
     """alpha's workers need a whole 4-CPU node each, so its size is set by its nodes: losing one
-    takes a worker with it, and a node joining later is the only room to grow back into."""
+    takes a worker with it, and a node joining later is the only room to grow back into.
+    alpha holds 95% of the data and a step is mostly its compute, so a second alpha worker
+    pays per the objective (with the small batches of the other tests a step is mostly sync,
+    and growing would not pay)."""
+    data = {"alpha": write_table(tmp_path / "alpha.parquet", 2000, 12, 4, seed=1),
+            "beta": write_table(tmp_path / "beta.parquet", 100, 12, 4, seed=2)}
     spare_room = ray_cluster.add_node(num_cpus=4, labels={"partner": "alpha"})
     ray_cluster.wait_for_nodes()
-    spec = make_spec(two_partner_data, tmp_path, steps=100_000, alpha_workers=2)
+    spec = make_spec(data, tmp_path, steps=100_000, alpha_workers=2)
     spec["name"] = "live-nodes"
+    spec["global_batch_size"] = 600
     spec["model"]["kwargs"]["hidden"] = [256, 256]
     spec["runtime"]["steps_per_call"] = 0
     spec["partners"][0]["cpus_per_worker"] = 4.0
