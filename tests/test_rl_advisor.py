@@ -93,7 +93,7 @@ def test_label_smoothing_leaves_the_clone_room_to_explore() -> None:
 
 def test_a_prior_that_cannot_run_is_refused_before_training() -> None:
     with pytest.raises(ValueError, match="prior: 'advisor' needs the advisor"):
-        check_prior(TrainConfig(prior="advisor"))  # the advisor is off by default
+        check_prior(TrainConfig(advisor=False, prior="advisor"))
     with pytest.raises(ValueError, match="prior: unknown teacher 'goodptu'"):
         check_prior(TrainConfig(prior="goodptu"))
     check_prior(TrainConfig(advisor=True, prior="advisor"))
@@ -119,3 +119,12 @@ def test_the_advisors_goodput_refits_after_deciding_not_while() -> None:
         sim.apply(decision)
         sim.advance(sim.interval_s)
     assert refits > 1
+
+
+def test_the_cli_prior_follows_the_advisor_switch() -> None:
+    from raysys.agent.cli import _prior
+
+    assert _prior(None, advisor=True) == "advisor"  # the shipped policy's recipe
+    assert _prior(None, advisor=False) == "goodput"  # --no-advisor: imitate goodput instead
+    assert _prior("none", advisor=True) is None
+    assert _prior("goodput", advisor=True) == "goodput"

@@ -185,12 +185,13 @@ def train(
     profile_csv: Annotated[list[str] | None, typer.Option(
         help="live profile to swap in")] = None,
     advisor: Annotated[bool, typer.Option(
-        help="give the policy goodput's proposal as features and as one action (use with "
-             "--prior advisor)")] = False,
-    prior: Annotated[str, typer.Option(
-        help="behaviour-cloning start: a heuristic to imitate (goodput), 'advisor' (follow it "
-             "everywhere; needs --advisor), or 'none' for PPO from a random network")
-    ] = "goodput",
+        help="give the policy goodput's proposal as features and as one action, as the shipped "
+             "policy has")] = True,
+    prior: Annotated[str | None, typer.Option(
+        help="behaviour-cloning start: 'advisor' (follow it everywhere; the default with "
+             "--advisor), a heuristic to imitate (goodput; the default with --no-advisor), or "
+             "'none' for PPO from a random network")
+    ] = None,
     eval_seeds: Annotated[int, typer.Option(help="0: skip the evaluation")] = 10,
     ship: Annotated[bool, typer.Option(
         "--ship",
@@ -212,7 +213,7 @@ def train(
         keep_excluded_layouts=keep_excluded_layouts,
         profile_csvs=tuple(profile_csv or ()),
         advisor=advisor,
-        prior=None if prior.lower() == "none" else prior,
+        prior=_prior(prior, advisor),
         eval_seeds=eval_seeds,
     )
     from raysys.progress import progress
@@ -231,6 +232,12 @@ def train(
     )
     if ship:
         print(f"shipped: {ship_module(result.out)}")
+
+
+def _prior(given: str | None, advisor: bool) -> str | None:
+    if given is None:
+        return "advisor" if advisor else "goodput"
+    return None if given.lower() == "none" else given
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """The RL policy's advisor: GoodputGreedy, consulted every interval; its proposal is one action.
 
-Why: behaviour cloning from goodput reached only ~66% of goodput's own moves (model card), and
-the shipped network lost to goodput on 6 of the 14 scenarios, mostly where goodput's online
+Why: behaviour cloning from goodput reached only ~66% of goodput's own moves, and the network
+trained that way lost to goodput on 6 of the 14 scenarios, mostly where goodput's online
 step-time fit sizes a job that the network cannot size from one Snapshot's features. With the
 advisor, the network does not have to reproduce that fit: one extra action means "do what the
 advisor proposes", and the features say what that proposal is (one-hot over the ActionSpace).

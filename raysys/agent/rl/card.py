@@ -114,8 +114,7 @@ def command_for(cfg: dict, iterations: int | None = None) -> str:
     if cfg.get("keep_excluded_layouts"):
         parts.append("--keep-excluded-layouts")
     parts += [f"--profile-csv {c}" for c in cfg["profile_csvs"]]
-    if cfg.get("advisor", False):
-        parts.append("--advisor")
+    parts.append("--advisor" if cfg.get("advisor", False) else "--no-advisor")
     parts.append(f"--prior {cfg['prior'] or 'none'}")
     return " ".join(parts)
 

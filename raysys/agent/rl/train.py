@@ -45,7 +45,8 @@ class TrainConfig:
     profile_csvs: tuple[str, ...] = ()  # measured live profiles (raysys profile) to swap in
     # -- environment -------------------------------------------------------------------------
     history: bool = True  # append the policy's memory of its rescales (history.py)
-    advisor: bool = False  # goodput's proposal as features and as one action (advisor.py)
+    # goodput's proposal as features and as one action (advisor.py); the shipped policy has it
+    advisor: bool = True
     reward_scale_s: float = 10.0  # rewards in units of one decision interval
     progress_shaping: bool = True  # potential-based; same optimum (docs/agent.md)
     # -- PPO -----------------------------------------------------------------------------------
@@ -65,9 +66,9 @@ class TrainConfig:
     hidden: tuple[int, ...] = (64, 64)
     noop_bias: float = 2.0
     # -- teacher prior (prior.py); None trains PPO from a random network --------------------------
-    # A heuristic to imitate, "advisor" (follow the advisor everywhere; needs advisor=True) or
-    # None: PPO from a random network (prior.py).
-    prior: str | None = "goodput"
+    # "advisor" (follow the advisor everywhere; needs advisor=True), a heuristic to imitate
+    # (goodput) or None: PPO from a random network (prior.py).
+    prior: str | None = "advisor"
     prior_rounds: tuple[tuple[int, float], ...] = ((150, 0.0), (100, 0.5))
     prior_epochs: int = 20
     prior_smoothing: float = 0.1  # target share spread over the other allowed actions
