@@ -23,7 +23,7 @@ from raysys.agent.scenarios import LoadedScenario, NodeSpec
 from raysys.agent.sim_effects import EventEffects
 from raysys.agent.sim_events import Variation, build_timeline
 from raysys.agent.sim_state import SimNode, SimPartner, SimWorker, split_batch
-from raysys.control.decisions import Decision, Noop, Rebalance, Replace, Scale
+from raysys.control.decisions import Decision, Noop, Rebalance, Replace, Scale, kind
 from raysys.control.snapshot import NodeView, PartnerView, Snapshot, WorkerView, matches
 
 WINDOW_S = 60.0  # "recent" failures and actions are counted over the last minute
@@ -84,6 +84,7 @@ class Simulator(EventEffects):
         self._stall_left = 0.0
         self.last_rescale_time_s: float | None = None
         self.last_rescale_cost_s = 0.0
+        self.last_rescale_kind = ""
         self._action_times: deque[float] = deque()
         self._failure_times: deque[float] = deque()
         self._dead_unreported: list[WorkerView] = []
@@ -247,6 +248,7 @@ class Simulator(EventEffects):
         if stall > 0:
             self._stall_left += stall
             self.last_rescale_time_s, self.last_rescale_cost_s = self.time_s, stall
+            self.last_rescale_kind = "recovery"
 
     # -------------------------------------------------------------------------- decisions --
     def apply(self, decision: Decision) -> bool:
@@ -265,6 +267,7 @@ class Simulator(EventEffects):
             return False
         self._stall_left += cost
         self.last_rescale_time_s, self.last_rescale_cost_s = self.time_s, cost
+        self.last_rescale_kind = kind(decision)
         self._action_times.append(self.time_s)
         return True
 
@@ -380,6 +383,7 @@ class Simulator(EventEffects):
             placement=self._placement,
             last_rescale_time_s=self.last_rescale_time_s,
             last_rescale_cost_s=self.last_rescale_cost_s,
+            last_rescale_kind=self.last_rescale_kind,
             recent_failures=len(self._failure_times),
             actions_last_minute=len(self._action_times),
             step_time_s=step_time,

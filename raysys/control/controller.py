@@ -186,10 +186,13 @@ class JobController:
             nodes += virtual_nodes(s, self._live_by_partner())
         last = self.rescales[-1] if self.rescales else None
         pending = list(self.executor.pending.values())
-        if any(now - e.t_decision < IN_FLIGHT_HOLD_S for e in pending):
+        in_flight = [e for e in pending if now - e.t_decision < IN_FLIGHT_HOLD_S]
+        if in_flight:
             last_rescale_s = now - self.t_start
+            last_kind = max(in_flight, key=lambda e: e.t_decision).kind
         else:
             last_rescale_s = (last.t_ready - self.t_start) if last and last.t_ready else None
+            last_kind = last.kind if last else ""
         return Snapshot(
             time_s=now - self.t_start, step=self.step,
             samples_done=self.ledger.total_samples(),
@@ -203,6 +206,7 @@ class JobController:
             actions_last_minute=sum(1 for e in [*self.rescales, *pending]
                                     if e.kind != "recovery" and now - e.t_decision < 60),
             step_time_s=self._mean_step_time(), throughput=self._throughput(),
+            last_rescale_kind=last_kind,
         )
 
     def history(self) -> list[tuple[float, int, int, float]]:

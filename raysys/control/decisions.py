@@ -57,6 +57,17 @@ Decision = Noop | Scale | Replace | Rebalance
 NOOP = Noop()
 
 
+def kind(decision: Decision) -> str:
+    """The change's kind as RescaleEvent and Snapshot.last_rescale_kind name it."""
+    if isinstance(decision, Scale):
+        return "scale_up" if decision.delta > 0 else "scale_down"
+    if isinstance(decision, Replace):
+        return "replace"
+    if isinstance(decision, Rebalance):
+        return "rebalance"
+    return "noop"
+
+
 def describe(decision: Decision) -> str:
     """One short human-readable line, for logs and progress output."""
     if isinstance(decision, Scale):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import ray
 
-from raysys.control.decisions import Decision, Noop, Rebalance, Replace, Scale, describe
+from raysys.control.decisions import Decision, Noop, Rebalance, Replace, Scale, describe, kind
 from raysys.control.events import RescaleEvent
 from raysys.spec import JobSpec, node_matches
 from raysys.train.group import ElasticGroup, Member, MemberState
@@ -66,7 +66,7 @@ class DecisionExecutor:
             unknown = set(d.split) - members
             if unknown:
                 self.log(f"rebalance: ignoring workers not active in {d.partner}: {unknown}")
-            return RescaleEvent("rebalance", describe(d), now)
+            return RescaleEvent(kind(d), describe(d), now)
         raise TypeError(f"not a decision: {d!r}")
 
     def scale(self, d: Scale, now: float) -> RescaleEvent | None:
@@ -82,12 +82,13 @@ class DecisionExecutor:
                 m.state = MemberState.ACTIVE
             for _ in range(n - len(spares)):
                 m = self.group.start(p, MemberState.ACTIVE)
-                self.pending[m.id] = RescaleEvent("scale_up", f"{m.id} (cold)", now)
+                self.pending[m.id] = RescaleEvent(kind(d), f"{m.id} (cold)", now)
             self.spares_to_refill += [p.name] * len(spares)
             if n < d.delta:
                 self.log(f"{describe(d)}: clipped to +{n} by max {p.workers.max}")
             if spares:
-                return RescaleEvent("scale_up", f"{', '.join(m.id for m in spares)} (warm)", now)
+                return RescaleEvent(kind(d), f"{', '.join(m.id for m in spares)} (warm)",
+                                    now)
             return None
         n = min(-d.delta, len(active) - p.workers.min)
         if n <= 0:
@@ -97,7 +98,7 @@ class DecisionExecutor:
         leaving = sorted(active, key=lambda m: m.recent_step_s)[-n:]
         for m in leaving:
             self.group.retire(m.id)
-        return RescaleEvent("scale_down", ", ".join(m.id for m in leaving), now)
+        return RescaleEvent(kind(d), ", ".join(m.id for m in leaving), now)
 
     def replace(self, d: Replace, now: float) -> RescaleEvent | None:
         old = self.group.members.get(d.worker)
@@ -119,9 +120,9 @@ class DecisionExecutor:
             spare.state = MemberState.ACTIVE
             self.group.retire(old.id)
             self.spares_to_refill.append(p.name)
-            return RescaleEvent("replace", f"{old.id} -> {spare.id} (warm)", now)
+            return RescaleEvent(kind(d), f"{old.id} -> {spare.id} (warm)", now)
         m = self.group.start(p, MemberState.ACTIVE, node_id=d.node, replaces=old.id)
-        self.pending[m.id] = RescaleEvent("replace", f"{old.id} -> {m.id} (cold)", now)
+        self.pending[m.id] = RescaleEvent(kind(d), f"{old.id} -> {m.id} (cold)", now)
         return None
 
 

@@ -66,6 +66,11 @@ class Snapshot:
     actions_last_minute: int
     step_time_s: float  # recent mean global step time (the slowest worker's)
     throughput: float  # samples/s, recent
+    # What the last change was: scale_up, scale_down, replace, rebalance or recovery (several
+    # applied together are joined by '+'); '' before the first. A rebalance stalls nothing, so
+    # policies need not wait for its stall to leave the measurements, nor learn its cost as a
+    # rescale's.
+    last_rescale_kind: str = ""
 
     # -- lookups -------------------------------------------------------------------------------
     def partner(self, name: str) -> PartnerView | None:
@@ -123,12 +128,16 @@ class Snapshot:
     def total_workers(self) -> int:
         return sum(p.workers for p in self.partners)
 
-    def median_step_time(self, partner: str | None = None) -> float:
-        """Median own step time of live measured workers (of one partner, or of all); 0 if none."""
+    def median_step_time(self, partner: str | None = None, exclude: str | None = None) -> float:
+        """Median own step time of live measured workers (of one partner, or of all), leaving
+        out worker `exclude`; 0 if none. Whether a worker straggles is asked against the median
+        of its peers, without it: in a partner of two, a median with the straggler in it would
+        call it slow only if it were more than 3 times slower than its peer at ratio 1.5."""
         times = sorted(
             w.step_time_s
             for w in self.workers
             if w.alive and w.step_time_s > 0 and (partner is None or w.partner == partner)
+            and w.id != exclude
         )
         if not times:
             return 0.0
