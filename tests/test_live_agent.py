@@ -160,7 +160,11 @@ def test_rl_agent_recovers_a_lost_node_and_uses_new_capacity(ray_cluster, tmp_pa
         step_after_loss = ray.get(controller.progress.remote())["step"]
         wait_for(controller, lambda p: p["step"] >= step_after_loss + 20)  # training goes on
         joined = ray_cluster.add_node(num_cpus=4, labels={"partner": "alpha"})
-        wait_for(controller, lambda p: p["workers"]["alpha"] == 2, timeout_s=90)
+        try:
+            wait_for(controller, lambda p: p["workers"]["alpha"] == 2, timeout_s=90)
+        except AssertionError as timed_out:  # say what the agent saw and did meanwhile
+            state = ray.get(agent.wait.remote(0))
+            raise AssertionError(f"{timed_out}; agent: {state}") from None
         step = ray.get(controller.progress.remote())["step"]
         wait_for(controller, lambda p: p["step"] >= step + 20)
         workers = ray.get(controller.workers.remote())

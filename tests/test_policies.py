@@ -98,6 +98,46 @@ def test_goodput_replaces_a_persistent_straggler() -> None:
     assert goodput.score < 0.8 * static.score
 
 
+def _alpha_times(snap: Snapshot, slow: float, fast: float, **changes) -> Snapshot:
+    """`snap` with alpha/0's and alpha/1's step times set (tiny(): alpha has two workers)."""
+    times = {"alpha/0": slow, "alpha/1": fast}
+    workers = [dataclasses.replace(w, step_time_s=times.get(w.id, w.step_time_s))
+               for w in snap.workers]
+    return dataclasses.replace(snap, workers=workers, **changes)
+
+
+def test_a_straggler_of_two_is_judged_against_its_peer() -> None:
+    """2.5x slower than its one peer: a straggler at ratio 1.5. Against a median that included
+    it ((2.5 + 1) / 2 = 1.75) it was only 1.43x, so neither goodput nor the Guardrails would
+    replace it; only a 3x straggler ever counted in a partner of two."""
+    scenario = tiny()
+    snap = _alpha_times(Simulator(scenario, seed=0).snapshot(), slow=0.25, fast=0.1)
+    assert snap.median_step_time("alpha", exclude="alpha/0") == pytest.approx(0.1)
+    assert snap.median_step_time("alpha") == pytest.approx(0.175)
+    policy = make_policy("goodput", cost_per_worker_second=0.02)
+    guard = Guardrails(scenario.spec.guardrails.model_copy(update={"straggler_ratio": 1.5}))
+    assert guard.filter(policy.decide(snap), snap) == Replace("alpha/0")
+
+
+def test_goodput_corrects_a_rebalance_soon_but_waits_out_a_scale() -> None:
+    """A rebalance stalls nothing: its result can be corrected at the next look (5 s). A scale's
+    stall must leave the measurements first (settle_s), and only its stall is learned as the
+    cost of a rescale."""
+    snap = Simulator(tiny(), seed=0).snapshot()
+    uneven = {"slow": 0.13, "fast": 0.1, "time_s": 106.0, "last_rescale_time_s": 100.0,
+              "last_rescale_cost_s": 0.05}  # 1.3x: a rebalance, not a replace
+    policy = make_policy("goodput", cost_per_worker_second=0.02)
+    after_scale = _alpha_times(snap, **uneven, last_rescale_kind="scale_up")
+    assert policy.decide(after_scale) == NOOP
+    policy = make_policy("goodput", cost_per_worker_second=0.02)
+    cost = policy.rescale_cost_s
+    after_rebalance = _alpha_times(snap, **uneven, last_rescale_kind="rebalance")
+    decision = policy.decide(after_rebalance)
+    assert isinstance(decision, Rebalance) and decision.partner == "alpha"
+    assert decision.split["alpha/1"] > decision.split["alpha/0"]
+    assert policy.rescale_cost_s == cost  # not the rebalance's 0.05 s
+
+
 def test_goodput_neither_refits_nor_acts_on_a_snapshot_without_a_new_step() -> None:
     """Live, a collective hung on a lost node shows the same step times until it times out:
     goodput must not count them again, nor ask again for a move that has not run yet."""

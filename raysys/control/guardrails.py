@@ -34,7 +34,8 @@ class GuardrailConfig(BaseModel):
     straggler_ratio: float | None = Field(
         None,
         ge=1,
-        description="if set, only replace a worker this x slower than its partner median",
+        description="if set, only replace a worker this x slower than the median of its partner's "
+        "other workers",
     )
 
 
@@ -106,7 +107,7 @@ class Guardrails:
             return NOOP
         ratio = self.config.straggler_ratio
         if ratio is not None and worker.step_time_s < ratio * snapshot.median_step_time(
-            worker.partner
+            worker.partner, exclude=worker.id
         ):
             return NOOP
         need = snapshot.cpus_per_worker.get(worker.partner, 1.0)
