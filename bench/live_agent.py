@@ -2,7 +2,8 @@
 under each policy in the same session. Prints time to finish, the objective score and ratios;
 writes bench/results/live_agent.json and docs/img/live_agent.png (workers and throughput over time).
 
-    .venv/bin/python bench/live_agent.py [--policies static,threshold,goodput,rl] [--steps 1500]
+    .venv/bin/python bench/live_agent.py [--policies static,threshold,goodput,rl] [--steps N]
+        [--global-batch N] [--straggler-step N]
 
 Score = training time + LAMBDA * worker-seconds (docs/agent.md's objective, measured live).
 """
@@ -27,21 +28,26 @@ from raysys.control.controller import RemoteJobController  # noqa: E402
 from raysys.data.demo import write_digits_demo  # noqa: E402
 
 # -- the experiment, fixed for every policy ------------------------------------------------------
-STEPS = 1500
-STRAGGLER = {"at_step": 200, "worker": "beta/1", "slow": 3.0}  # persistent, from step 200
+# A global batch of 960 makes a step compute-bound (~25 ms of compute per worker against ~10 ms
+# of synchronisation), so a 3x straggler halves the job's throughput, as it would on real
+# hardware. At 96 a step was mostly synchronisation and the straggler cost a few ms of it.
+STEPS = 500
+GLOBAL_BATCH = 960
+STRAGGLER_STEP = 100  # beta/1 is 3x slower from this step to the end
 CAPACITY_AT_S = 25.0  # a second node labelled partner=alpha joins this long after the start
 LAMBDA = 0.01  # cost of one worker-second against one second of waiting
 INTERVAL_S = 2.0
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def job_spec(data: dict, policy: str, storage: str) -> dict:
+def job_spec(data: dict, policy: str, storage: str, steps: int, global_batch: int,
+             straggler: dict) -> dict:
     partner = {"workers": {"initial": 1, "min": 1, "max": 3}, "cpus_per_worker": 0.5}
     return {
         "name": f"live-{policy}",
         "model": {"name": "mlp", "kwargs": {"hidden": [512, 256]}},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
-        "global_batch_size": 96, "steps": STEPS, "seed": 0, "num_classes": 10,
+        "global_batch_size": global_batch, "steps": steps, "seed": 0, "num_classes": 10,
         "partners": [  # beta starts with two workers: one of them becomes the straggler
             {"name": "alpha", "data": {"path": str(data["alpha"])},
              "placement": {"partner": "alpha"}, **partner},
@@ -53,18 +59,24 @@ def job_spec(data: dict, policy: str, storage: str) -> dict:
         "checkpoint": {"storage_path": storage, "every_steps": 0},
         "agent": {"policy": policy, "interval_s": INTERVAL_S, "cooldown_s": 2 * INTERVAL_S,
                   "cost_per_worker_second": LAMBDA},
-        "chaos": [STRAGGLER],
+        "chaos": [straggler],
     }
 
 
-def run_one(policy: str, data: dict, storage: str) -> dict:
+def straggler(args: argparse.Namespace) -> dict:
+    return {"at_step": args.straggler_step, "worker": "beta/1", "slow": 3.0}
+
+
+def run_one(policy: str, data: dict, storage: str, args: argparse.Namespace) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    for p in ("alpha", "beta", "gamma"):
+    # beta runs on two machines, so a straggler of beta's can be replaced on the other one.
+    for p in ("alpha", "beta", "beta", "gamma"):
         cluster.add_node(num_cpus=2, labels={"partner": p})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        spec = job_spec(data, policy, storage)
+        spec = job_spec(data, policy, storage, args.steps, args.global_batch,
+                        straggler(args))
         controller = RemoteJobController.remote(spec)
         done = controller.run.remote()
         agent = RemoteAgentActor.remote(controller, spec) if policy != "static" else None
@@ -89,7 +101,7 @@ def run_one(policy: str, data: dict, storage: str) -> dict:
             "history": history}
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, chaos: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,8 +117,8 @@ def plot(results: list[dict], path: Path) -> None:
     ax_t.set_xlabel("job time (s)")
     ax_w.axvline(CAPACITY_AT_S, color="grey", ls=":", lw=1)
     ax_w.legend(loc="upper left")
-    ax_w.set_title(f"digits, straggler {STRAGGLER['worker']} x{STRAGGLER['slow']:g} from step "
-                   f"{STRAGGLER['at_step']}, alpha node added at {CAPACITY_AT_S:g} s")
+    ax_w.set_title(f"digits, straggler {chaos['worker']} x{chaos['slow']:g} from step "
+                   f"{chaos['at_step']}, alpha node added at {CAPACITY_AT_S:g} s")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -115,6 +127,9 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policies", default="static,threshold,goodput,rl")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH)
+    parser.add_argument("--straggler-step", type=int, default=STRAGGLER_STEP)
     args = parser.parse_args()
     known = set(available_policies())
     policies = [p for p in args.policies.split(",") if p in known]
@@ -126,7 +141,7 @@ def main() -> None:
         data = write_digits_demo(Path(tmp) / "digits")
         for policy in policies:
             t0 = time.time()
-            results.append(run_one(policy, data, str(Path(tmp) / "ckpt")))
+            results.append(run_one(policy, data, str(Path(tmp) / "ckpt"), args))
             print(f"{policy}: done in {time.time() - t0:.0f} s", flush=True)
     static = next((r for r in results if r["policy"] == "static"), None)
     heuristics = [r for r in results if r["policy"] in ("threshold", "goodput")]
@@ -144,7 +159,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "live_agent.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    plot(results, ROOT / "docs" / "img" / "live_agent.png")
+    plot(results, ROOT / "docs" / "img" / "live_agent.png", straggler(args))
     print(f"\nwrote {out} and docs/img/live_agent.png")
 
 
