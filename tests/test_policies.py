@@ -98,10 +98,14 @@ def test_goodput_replaces_a_persistent_straggler() -> None:
     assert goodput.score < 0.8 * static.score
 
 
-def _alpha_times(snap: Snapshot, slow: float, fast: float, **changes) -> Snapshot:
-    """`snap` with alpha/0's and alpha/1's step times set (tiny(): alpha has two workers)."""
+def _alpha_times(snap: Snapshot, slow: float, fast: float, batches: tuple[int, int] | None = None,
+                 **changes) -> Snapshot:
+    """`snap` with alpha/0's and alpha/1's step times (and local batches) set (tiny(): alpha
+    has two workers)."""
     times = {"alpha/0": slow, "alpha/1": fast}
-    workers = [dataclasses.replace(w, step_time_s=times.get(w.id, w.step_time_s))
+    rows = dict(zip(times, batches, strict=True)) if batches else {}
+    workers = [dataclasses.replace(w, step_time_s=times.get(w.id, w.step_time_s),
+                                   local_batch=rows.get(w.id, w.local_batch))
                for w in snap.workers]
     return dataclasses.replace(snap, workers=workers, **changes)
 
@@ -117,6 +121,8 @@ def test_a_straggler_of_two_is_judged_against_its_peer() -> None:
     policy = make_policy("goodput", cost_per_worker_second=0.02)
     guard = Guardrails(scenario.spec.guardrails.model_copy(update={"straggler_ratio": 1.5}))
     assert guard.filter(policy.decide(snap), snap) == Replace("alpha/0")
+    unmeasured_peer = _alpha_times(snap, slow=0.25, fast=0.0)
+    assert guard.filter(Replace("alpha/0"), unmeasured_peer) == NOOP  # nothing to compare with
 
 
 def test_goodput_corrects_a_rebalance_soon_but_waits_out_a_scale() -> None:
@@ -136,6 +142,17 @@ def test_goodput_corrects_a_rebalance_soon_but_waits_out_a_scale() -> None:
     assert isinstance(decision, Rebalance) and decision.partner == "alpha"
     assert decision.split["alpha/1"] > decision.split["alpha/0"]
     assert policy.rescale_cost_s == cost  # not the rebalance's 0.05 s
+
+
+def test_goodput_rebalances_uneven_step_times_not_uneven_speeds() -> None:
+    """Where a step has a fixed cost, equal step times need unequal shares, hence unequal
+    speeds: a split that already evens the times out is left alone."""
+    snap = Simulator(tiny(), seed=0).snapshot()
+    even_times = _alpha_times(snap, slow=0.1, fast=0.1, batches=(20, 108))
+    assert make_policy("goodput", cost_per_worker_second=0.02).decide(even_times) == NOOP
+    uneven = _alpha_times(snap, slow=0.13, fast=0.1, batches=(64, 64))
+    decision = make_policy("goodput", cost_per_worker_second=0.02).decide(uneven)
+    assert isinstance(decision, Rebalance) and decision.partner == "alpha"
 
 
 def test_goodput_neither_refits_nor_acts_on_a_snapshot_without_a_new_step() -> None:

@@ -104,6 +104,7 @@ def test_failure_below_minimum_is_restored_by_the_controller() -> None:
     beta = [w for w in sim.workers.values() if w.partner == "beta"]
     assert len(beta) == 1 and beta[0].node == "b-1" and beta[0].id == "beta/1"
     assert sim.last_rescale_cost_s == sim.costs.scale_up_cold
+    assert sim.snapshot().last_rescale_kind == "recovery"
 
 
 def test_job_blocks_without_capacity_and_is_charged_when_cut() -> None:
@@ -162,8 +163,10 @@ def test_contention_oversubscribes_and_gives_back() -> None:
 
 def test_rescale_costs_stall_the_job_and_count_workers() -> None:
     sim = Simulator(tiny())
+    assert sim.snapshot().last_rescale_kind == ""
     assert sim.apply(Scale("alpha", +1))  # a-0 already runs alpha (warm)
     assert sim.last_rescale_cost_s == sim.costs.scale_up_warm
+    assert sim.snapshot().last_rescale_kind == "scale_up"
     step = sim.step_time_s
     sim.advance(10)
     productive = 10 - sim.costs.scale_up_warm
@@ -171,6 +174,9 @@ def test_rescale_costs_stall_the_job_and_count_workers() -> None:
     assert sim.worker_seconds == pytest.approx(4 * 10)
     assert sim.apply(Replace("alpha/0"))
     assert sim.last_rescale_cost_s == sim.costs.replace
+    assert sim.snapshot().last_rescale_kind == "replace"
+    assert sim.apply(Rebalance("alpha", {"alpha/1": 2.0, "alpha/2": 1.0, "alpha/3": 1.0}))
+    assert sim.snapshot().last_rescale_kind == "rebalance"
     assert "alpha/0" not in sim.workers and sim.workers["alpha/3"].node == "a-1"
 
 

@@ -8,7 +8,8 @@ partner +1 or -1 worker). The objective per sample is (1 + lambda * workers) * s
 predicted saving over the remaining samples outweighs the rescale stall several times over.
 Like Pollux, parameters it has no data for are pinned to optimistic priors, so it explores by
 scaling up and learns from what it sees. It also replaces a worker slower than `straggler_ratio`
-times its partner's median and rebalances partners whose workers' step times are uneven.
+times the median of its partner's other workers and rebalances partners whose workers' step
+times are uneven.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class GoodputGreedyPolicy(Policy):
             return NOOP
         self._looked_at_step = snapshot.step
         if snapshot.last_rescale_cost_s > 0 and not rebalanced:
-            self.rescale_cost_s = snapshot.last_rescale_cost_s  # a scale's or replace's stall
+            self.rescale_cost_s = snapshot.last_rescale_cost_s  # a stall, not a rebalance's wait
         self._observe(snapshot)
         fixed = self._fix_stragglers(snapshot)
         if fixed is not NOOP:

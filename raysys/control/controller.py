@@ -566,6 +566,13 @@ class JobController:
             event = self.executor.apply(submitted, decision)
             if event is not None:
                 changed.append(event)
+        # Rebalances are recorded first: a structural change made at the same time is the last
+        # change (Snapshot.last_rescale_kind), and its stall is the one to wait out.
+        for e in changed:
+            if e.kind == "rebalance":
+                e.t_ready, e.step = time.time(), self.step
+                self.rescales.append(e)
+                self._open_events.append(e)
         structural = [e for e in changed if e.kind != "rebalance"]
         if structural:
             self._set_state(JobState.RESCALING)
@@ -574,11 +581,6 @@ class JobController:
                                   "; ".join(e.detail for e in structural), t0)
             self._reform(merged)
             self._set_state(JobState.RUNNING)
-        for e in changed:
-            if e.kind == "rebalance":
-                e.t_ready, e.step = time.time(), self.step
-                self.rescales.append(e)
-                self._open_events.append(e)
 
     # -- checkpoints, evaluation, summary ----------------------------------------------------
     def _maybe_checkpoint(self, state: dict | None = None) -> None:

@@ -59,7 +59,7 @@ NOOP = Noop()
 
 def kind(decision: Decision) -> str:
     """The change's kind as RescaleEvent and Snapshot.last_rescale_kind name it."""
-    if isinstance(decision, Scale):
+    if isinstance(decision, Scale) and decision.delta != 0:
         return "scale_up" if decision.delta > 0 else "scale_down"
     if isinstance(decision, Replace):
         return "replace"

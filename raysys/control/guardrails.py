@@ -106,10 +106,10 @@ class Guardrails:
         if worker is None or not worker.alive or snapshot.partner(worker.partner) is None:
             return NOOP
         ratio = self.config.straggler_ratio
-        if ratio is not None and worker.step_time_s < ratio * snapshot.median_step_time(
-            worker.partner, exclude=worker.id
-        ):
-            return NOOP
+        if ratio is not None:
+            peers = snapshot.median_step_time(worker.partner, exclude=worker.id)
+            if peers <= 0 or worker.step_time_s < ratio * peers:
+                return NOOP  # not measurably slower than its peers (or none to compare with)
         need = snapshot.cpus_per_worker.get(worker.partner, 1.0)
         if decision.node is not None:
             node = snapshot.node(decision.node)
