@@ -50,18 +50,11 @@ def run_episode(
     sim = Simulator(scenario, seed=seed, initial_workers=initial_workers)
     guard = Guardrails(scenario.spec.guardrails)
     policy.reset()
-    decisions = actions = 0
     if policy.never_acts:
         sim.run_to_end()
+        decisions = actions = 0
     else:
-        while not sim.done:
-            snap = sim.snapshot()
-            decision = guard.filter(policy.decide(snap), snap)
-            policy.learn()
-            decisions += 1
-            if not isinstance(decision, Noop) and sim.apply(decision):
-                actions += 1
-            sim.advance(sim.interval_s)
+        decisions, actions = play_to_end(sim, policy, guard)
     return EpisodeResult(
         scenario.name,
         label or policy.name,
@@ -73,6 +66,22 @@ def run_episode(
         decisions,
         actions,
     )
+
+
+def play_to_end(sim: Simulator, policy: Policy, guard: Guardrails) -> tuple[int, int]:
+    """Every interval until the job ends: snapshot -> policy -> guardrails -> simulator.
+
+    Returns (decisions taken, decisions that changed the cluster)."""
+    decisions = actions = 0
+    while not sim.done:
+        snap = sim.snapshot()
+        decision = guard.filter(policy.decide(snap), snap)
+        policy.learn()
+        decisions += 1
+        if not isinstance(decision, Noop) and sim.apply(decision):
+            actions += 1
+        sim.advance(sim.interval_s)
+    return decisions, actions
 
 
 def static_allocations(scenario: LoadedScenario) -> list[dict[str, int]]:
