@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,11 +15,15 @@ from raysys.agent.evaluate import (
     evaluate,
     mean_ci,
     oracle_static,
+    play_to_end,
     run_episode,
     static_allocations,
 )
 from raysys.agent.policies import make_policy
 from raysys.agent.scenarios import scenario_from_dict
+from raysys.agent.sim import Simulator
+from raysys.control.decisions import Noop
+from raysys.control.guardrails import Guardrails
 
 EVENTFUL = base_scenario(
     name="eventful",
@@ -118,3 +123,24 @@ def test_cli_eval_reports_a_broken_scenario(tmp_path, capsys) -> None:
     assert main(["agent", "eval", "--scenarios", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "episode" in err
+
+
+def test_a_copied_episode_replays_the_same_future() -> None:
+    """Lookahead (bench/agent_headroom.py) plays copies of a running episode to the end: a copy
+    of the simulator and the policy must meet the very events and noise the original meets, and
+    playing it must leave the original untouched."""
+    scenario = scenario_from_dict(EVENTFUL)
+    plain = run_episode(scenario, make_policy("goodput"), seed=3)
+    sim, policy = Simulator(scenario, seed=3), make_policy("goodput")
+    guard = Guardrails(scenario.spec.guardrails)
+    for _ in range(5):  # part-way in, with some of the policy's state built up
+        snap = sim.snapshot()
+        decision = guard.filter(policy.decide(snap), snap)
+        policy.learn()
+        if not isinstance(decision, Noop):
+            sim.apply(decision)
+        sim.advance(sim.interval_s)
+    twin_sim, twin_policy = copy.deepcopy(sim), copy.deepcopy(policy)
+    play_to_end(twin_sim, twin_policy, guard)
+    play_to_end(sim, policy, guard)
+    assert twin_sim.score == sim.score == plain.score
