@@ -38,7 +38,7 @@ from pathlib import Path
 from raysys.agent.actions import ActionSpace
 from raysys.agent.env import SHIPPED_SCENARIOS, resolve_scenarios
 from raysys.agent.evaluate import default_builder, oracle_static, play_to_end, run_episode
-from raysys.agent.policies import Policy
+from raysys.agent.policies import Policy, available_policies
 from raysys.agent.scenarios import LoadedScenario
 from raysys.agent.sim import Simulator
 from raysys.control.decisions import Decision, Noop, describe
@@ -138,6 +138,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.every < 1:
         parser.error("--every must be >= 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    if args.base not in available_policies():
+        parser.error(f"--base: unknown policy {args.base!r}; known: {available_policies()}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     scenarios = resolve_scenarios(SHIPPED_SCENARIOS)
     if args.scenarios:
         wanted = args.scenarios.split(",")
@@ -145,7 +153,6 @@ def main() -> None:
         if unknown:
             parser.error(f"--scenarios: unknown {sorted(unknown)}")
         scenarios = [s for s in scenarios if s.name in wanted]
-    seeds = [int(s) for s in args.seeds.split(",")]
     # The longest episodes go first so the pool's workers finish together.
     tasks = sorted(((s, seed, args.base, args.every) for s in scenarios for seed in seeds),
                    key=lambda t: -t[0].spec.episode.samples)
