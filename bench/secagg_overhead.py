@@ -7,7 +7,7 @@ hosts, as workers are). Every process holds a raysys Replica per model and runs 
     Replica.local_gradients(own rows)  +  all-reduce of the gradient buckets
 
 either plainly (a GenerationGroup's float32 all-reduce) or through a GenerationGroup with secure
-aggregation (SecureAggregator: per-step scale agreement, fixed point, pairwise AES-CTR masks,
+aggregation (SecureAggregator: per-step scale agreement, fixed point, pairwise AES-XTS masks,
 integer all-reduce; int32 on the wire up to 15 workers). The two
 kinds alternate window by window in the same processes, so both see the same neighbours at
 almost the same moments; the ratio of the medians is the figure. The secure steps are numbered
