@@ -8,6 +8,7 @@ without spawning processes.
 from __future__ import annotations
 
 import math
+import struct
 import subprocess
 import sys
 import threading
@@ -17,9 +18,11 @@ from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from raysys.privacy import secagg
 from raysys.privacy.secagg import (
@@ -318,6 +321,29 @@ def test_new_generation_new_keys_new_masks() -> None:
     assert (m1 != gen1[0][1].pair_mask(1, 7, 1, n)).float().mean() > 0.99
     for out, agg, _ in gen1 + gen2:
         assert_within_quantization(out, reference_sum(inputs), agg)
+
+
+def test_a_mask_is_aes_xts_of_zeros_one_unit_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keystream, derived here independently of the aggregator: AES-128-XTS of zeros under
+    the pair key, tweak (step, attempt, bucket, chunk), a short last chunk drawn as one 16-byte
+    unit. Peers on two versions of this would not cancel each other's masks."""
+    monkeypatch.setattr(secagg, "CHUNK", 64)
+    partners = ["a", "b"]
+    inputs = [make_buckets(r, [300]) for r in range(2)]
+    store = dist.HashStore()
+    aggs = [agg for _, agg, _ in ok(run_ranks(2, lambda r: secure_sum(store, 1, r, partners,
+                                                                      inputs[r])))]
+    key = aggs[0]._pair_keys[1]
+    assert len(key) == 32 and key == aggs[1]._pair_keys[0]
+    numel = 2 * 64 + 2  # two whole chunks and a short one (8 bytes: drawn as 16)
+    words = []
+    for chunk, size in enumerate([64, 64, 2]):
+        tweak = struct.pack(">QHHI", 5, 1, 3, chunk)
+        unit = Cipher(algorithms.AES(key), modes.XTS(tweak)).encryptor().update(
+            bytes(max(4 * size, 16)))
+        words.append(np.frombuffer(unit, dtype=np.int32)[:size])
+    expected = torch.from_numpy(np.concatenate(words)) & ((1 << aggs[0].ring_bits) - 1)
+    assert torch.equal(aggs[0].pair_mask(1, 5, 3, numel, attempt=1), expected)
 
 
 def test_a_step_is_never_masked_twice_in_a_generation() -> None:
