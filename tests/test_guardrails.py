@@ -202,6 +202,21 @@ def test_straggler_ratio_only_lets_slow_workers_be_replaced() -> None:
     assert guard.filter(Replace("a/1"), snap) == NOOP
 
 
+def test_straggler_ratio_still_lets_a_job_be_packed_onto_one_node() -> None:
+    """A healthy worker may move to a named node that runs more of the job than its own node
+    (goodput packing a communication-bound job), never to one that runs fewer."""
+    workers = [WorkerView("a/0", "a", "big", 1.0, 8, True),
+               WorkerView("a/1", "a", "big", 1.0, 8, True),
+               WorkerView("a/2", "a", "small", 1.1, 8, True)]
+    snap = Snapshot(100.0, 0, 0, 10, workers, [PartnerView("a", 3, 1, 4, 24)],
+                    [NodeView("big", {}, 4, 2), NodeView("small", {}, 4, 3)],
+                    {"a": 1.0}, {"a": {}}, None, 0, 0, 0, 1.1, 1.0)
+    guard = Guardrails(GuardrailConfig(straggler_ratio=2.0))
+    assert guard.filter(Replace("a/2", node="big"), snap) == Replace("a/2", node="big")
+    assert guard.filter(Replace("a/0", node="small"), snap) == NOOP
+    assert guard.filter(Replace("a/2"), snap) == NOOP
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.lists(st.integers(0, 16), min_size=40, max_size=120))
 def test_random_policy_through_guardrails_keeps_the_simulated_job_in_bounds(seed, actions):

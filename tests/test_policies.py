@@ -98,6 +98,57 @@ def test_goodput_replaces_a_persistent_straggler() -> None:
     assert goodput.score < 0.8 * static.score
 
 
+def _shared_pool(sync_cross: float, sync_local: float) -> dict:
+    """Both partners may run on any of three 4-CPU nodes; the simulator spreads them at start."""
+    data = base_scenario(
+        name="shared_pool",
+        profile={"parametric": {"a": 0.02, "b": 0.0005, "c": sync_cross, "d": 0.02,
+                                "gamma": 1.0, "c_local": sync_local, "d_local": 0.002}},
+        nodes=[{"id": "n", "count": 3, "cpus": 4, "labels": {"site": "a"}}],
+    )
+    for p in data["partners"]:
+        p["placement"] = {"site": "a"}
+    return data
+
+
+def _moves(scenario, seed: int = 0) -> tuple[Simulator, list[Decision]]:
+    policy = make_policy("goodput", cost_per_worker_second=0.02)
+    sim, guard = Simulator(scenario, seed=seed), Guardrails(scenario.spec.guardrails)
+    moves = []
+    while not sim.done:
+        snap = sim.snapshot()
+        decision = guard.filter(policy.decide(snap), snap)
+        if isinstance(decision, Replace) and decision.node is not None:
+            moves.append(decision)
+        sim.apply(decision)
+        sim.advance(sim.interval_s)
+    return sim, moves
+
+
+def test_goodput_packs_a_communication_bound_job_onto_one_node() -> None:
+    scenario = scenario_from_dict(_shared_pool(sync_cross=0.4, sync_local=0.02))
+    assert len({w.node for w in Simulator(scenario, seed=0).workers.values()}) == 2
+    sim, moves = _moves(scenario)
+    assert moves and len({w.node for w in sim.workers.values()}) == 1
+    static = run_episode(scenario, make_policy("static"), seed=0)
+    goodput = run_episode(scenario, make_policy("goodput", cost_per_worker_second=0.02), seed=0)
+    assert goodput.score < 0.6 * static.score
+
+
+def test_goodput_trying_a_pack_costs_a_compute_bound_job_little() -> None:
+    """From one configuration goodput cannot tell compute from sync, and its prior (in-node sync
+    4x faster) may make it try a pack where sync hardly matters. That try must stay cheap: at
+    most the job's spread workers move, and the job still scores no worse than never acting."""
+    data = _shared_pool(sync_cross=0.004, sync_local=0.003)
+    data["profile"]["parametric"].update(a=0.2, b=0.01)
+    scenario = scenario_from_dict(data)
+    _, moves = _moves(scenario)
+    assert len(moves) <= 1  # beta/0 is the only worker off alpha's node
+    static = run_episode(scenario, make_policy("static"), seed=0)
+    goodput = run_episode(scenario, make_policy("goodput", cost_per_worker_second=0.02), seed=0)
+    assert goodput.score <= static.score
+
+
 def _alpha_times(snap: Snapshot, slow: float, fast: float, batches: tuple[int, int] | None = None,
                  **changes) -> Snapshot:
     """`snap` with alpha/0's and alpha/1's step times (and local batches) set (tiny(): alpha

@@ -9,11 +9,14 @@ predicted saving over the remaining samples outweighs the rescale stall several 
 Like Pollux, parameters it has no data for are pinned to optimistic priors, so it explores by
 scaling up and learns from what it sees. It also replaces a worker slower than `straggler_ratio`
 times the median of its partner's other workers and rebalances partners whose workers' step
-times are uneven.
+times are uneven. Where one node could run the whole job (it matches every partner's placement
+and has the CPUs), it weighs that packed placement too (in-node sync) and, when it pays, moves
+the job's workers there one Replace at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,7 +26,7 @@ from raysys.agent.actions import rebalance_by_throughput
 from raysys.agent.policies import Policy, register_policy
 from raysys.agent.profile_fit import StepTimeModel
 from raysys.control.decisions import NOOP, Decision, Replace, Scale
-from raysys.control.snapshot import Snapshot
+from raysys.control.snapshot import NodeView, Snapshot, matches
 
 _MIN = 1e-6
 # After a rebalance, the wait before trusting step times again. A rebalance stalls nothing, so
@@ -33,6 +36,12 @@ _MIN = 1e-6
 # went 0.50 -> 0.34 -> 0.28 of its partner's rows, settle_s = 20 s apart; equal times needed
 # less).
 REBALANCE_SETTLE_S = 5.0
+# Until a job has run on one node, its in-node sync is predicted this many times faster than its
+# measured cross-node sync: the ratio in all three Pollux traces (alpha_n / alpha_r of the
+# shipped profiles: 4.2 for cifar10, 4.6 for imagenet, 5.0 for bert). It is what lets goodput
+# see that packing a spread, communication-bound job onto one node pays (bench/agent_bound.py
+# found that move worth 44% of the score on bert_comm_bound).
+LOCAL_SYNC_SPEEDUP = 4.0
 
 
 @dataclass
@@ -104,7 +113,7 @@ class OnlineStepTimeFit:
             if one_batch:
                 a = b * batch[0]  # Pollux: half the compute is fixed cost
             if not seen_local:
-                c_r, d_r = c_n / 1.1, d_n / 1.1
+                c_r, d_r = c_n / 1.1, d_n / 1.1  # tied for the fit; see the return below
             if not seen_cross:
                 c_n, d_n = c_r * 1.1, d_r * 1.1
             if not seen_many:
@@ -142,7 +151,14 @@ class OnlineStepTimeFit:
             residuals, start, bounds=bounds, method="trf", max_nfev=60, ftol=1e-6, xtol=1e-6
         )
         self._last_x = result.x
-        return build(result.x)
+        model = build(result.x)
+        if not seen_local:
+            # Predictions of a packed placement take the traces' in-node speed-up. The fit
+            # itself keeps the tie above: its prior term on beta_r / alpha_r stays what it was,
+            # so jobs that can never be packed fit exactly as before.
+            model = dataclasses.replace(model, alpha_r=model.alpha_n / LOCAL_SYNC_SPEEDUP,
+                                        beta_r=model.beta_n / LOCAL_SYNC_SPEEDUP)
+        return model
 
 
 @register_policy("goodput")
@@ -274,7 +290,9 @@ class GoodputGreedyPolicy(Policy):
         target, best = self._target_allocation(snapshot, model, slowness, hosts)
         remaining = snapshot.samples_total - snapshot.samples_done
         stall = self.rescale_cost_s * (1.0 + self.cost_per_worker_second * sum(counts.values()))
-        if target == counts or best > current * (1 - self.min_gain):
+        if target == counts:
+            return self._consolidate(snapshot, model, slowness, counts, hosts, current, stall)
+        if best > current * (1 - self.min_gain):
             return NOOP
         if (current - best) * remaining < 3 * stall:
             return NOOP  # not worth the stall this close to the end
@@ -283,6 +301,36 @@ class GoodputGreedyPolicy(Policy):
         if target[name] <= counts[name]:
             name = min(counts, key=lambda n: (target[n] - counts[n], n))
         return Scale(name, target[name] - counts[name])
+
+    def _consolidate(
+        self,
+        snapshot: Snapshot,
+        model: StepTimeModel,
+        slowness: dict[str, float],
+        counts: dict[str, int],
+        hosts: int,
+        current: float,
+        stall: float,
+    ) -> Decision:
+        """At the target worker counts but spread over nodes: if one node could run them all and
+        in-node sync pays for the moves, move one worker there (the next decision moves the
+        next). Workers leave the nodes that hold fewest of the job first."""
+        if hosts < 2:
+            return NOOP
+        node = pack_node(snapshot, counts)
+        if node is None:
+            return NOOP
+        live = [w for w in snapshot.workers if w.alive]
+        per_node = {n: sum(w.node == n for w in live) for n in {w.node for w in live}}
+        movers = sorted((w for w in live if w.node != node.id),
+                        key=lambda w: (per_node[w.node], w.id))
+        packed = self._per_sample(snapshot, model, slowness, counts, 1)
+        remaining = snapshot.samples_total - snapshot.samples_done
+        if packed > current * (1 - self.min_gain):
+            return NOOP
+        if (current - packed) * remaining < 3 * stall * len(movers):
+            return NOOP  # not worth the moves this close to the end
+        return Replace(movers[0].id, node=node.id)
 
     def _per_sample(
         self,
@@ -312,8 +360,11 @@ class GoodputGreedyPolicy(Policy):
             return {p.name: p.workers for p in snapshot.partners}, math.inf
 
         def option_hosts(option: dict[str, int]) -> int:
-            # Sync only distinguishes "one node" from "several": assume growth past the free
-            # CPUs of a single shared host leaves it.
+            # Sync only distinguishes "one node" from "several". An allocation one node could
+            # run alone is judged packed there (_consolidate gets it there); otherwise, assume
+            # growth past the free CPUs of a single shared host leaves it.
+            if pack_node(snapshot, option) is not None:
+                return 1
             if hosts > 1 or sum(option.values()) <= snapshot.total_workers:
                 return hosts
             return hosts if self._fits_on_host(snapshot, snapshot.partners[0].name) else 2
@@ -344,3 +395,26 @@ class GoodputGreedyPolicy(Policy):
         hosts = {w.node for w in snapshot.workers if w.alive}
         need = snapshot.cpus_per_worker.get(partner, 1.0)
         return any(n.id in hosts and n.free_cpus >= need for n in snapshot.nodes_for(partner))
+
+
+def pack_node(snapshot: Snapshot, counts: dict[str, int]) -> NodeView | None:
+    """A node that could run the whole job at `counts` workers per partner alone: it matches every
+    partner's placement and has the CPUs (counting those the job's workers there already use).
+    Prefers the node already running most of the job's workers, then the fastest; None if no
+    node can."""
+    live = [w for w in snapshot.workers if w.alive]
+    need = sum(n * snapshot.cpus_per_worker.get(p, 1.0) for p, n in counts.items())
+    best, best_key = None, None
+    for node in snapshot.nodes:
+        if not all(matches(node.labels, snapshot.placement.get(p.name, {}))
+                   for p in snapshot.partners):
+            continue
+        ours = [w for w in live if w.node == node.id]
+        room = max(node.free_cpus, 0.0) + sum(
+            snapshot.cpus_per_worker.get(w.partner, 1.0) for w in ours)
+        if room + _MIN < need:
+            continue
+        key = (len(ours), node.speed, node.id)
+        if best_key is None or key > best_key:
+            best, best_key = node, key
+    return best

@@ -35,7 +35,8 @@ class GuardrailConfig(BaseModel):
         None,
         ge=1,
         description="if set, only replace a worker this x slower than the median of its partner's "
-        "other workers",
+        "other workers, or move one to a named node running more of the job's workers than its own "
+        "(consolidation)",
     )
 
 
@@ -108,7 +109,8 @@ class Guardrails:
         ratio = self.config.straggler_ratio
         if ratio is not None:
             peers = snapshot.median_step_time(worker.partner, exclude=worker.id)
-            if peers <= 0 or worker.step_time_s < ratio * peers:
+            slow = peers > 0 and worker.step_time_s >= ratio * peers
+            if not slow and not _consolidates(decision, worker.node, snapshot):
                 return NOOP  # not measurably slower than its peers (or none to compare with)
         need = snapshot.cpus_per_worker.get(worker.partner, 1.0)
         if decision.node is not None:
@@ -169,3 +171,12 @@ def _floor_shares(shares: dict[str, float], min_fraction: float, batch: int) -> 
         if not low:
             return out
         fixed |= low
+
+
+def _consolidates(decision: Replace, current_node: str, snapshot: Snapshot) -> bool:
+    """A move to a named node that runs more of the job's workers than the worker's own node:
+    packing the job (in-node sync), not a replacement of a slow worker."""
+    if decision.node is None:
+        return False
+    live = [w for w in snapshot.workers if w.alive]
+    return sum(w.node == decision.node for w in live) > sum(w.node == current_node for w in live)
