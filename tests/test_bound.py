@@ -135,3 +135,20 @@ def test_the_bound_finds_a_packed_job() -> None:
     bound = score_lower_bound(scenario, 0)
     assert bound <= sim.score < 0.8 * spread.score
     assert bound >= 0.9 * sim.score
+
+
+def test_cli_bound_prints_the_bound_against_oracle_static(tmp_path, capsys) -> None:
+    import yaml
+
+    from raysys.agent.cli import main
+
+    folder = tmp_path / "scn"
+    folder.mkdir()
+    (folder / "eventful.yaml").write_text(yaml.safe_dump(EVENTFUL))
+    assert main(["agent", "bound", "--scenarios", str(folder), "--seeds", "2"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("eventful_nodes"))
+    oracle, lower, ratio = (float(x) for x in row.split()[1:])
+    assert 0.3 < ratio <= 1.0 and lower <= oracle
+    assert main(["agent", "bound", "--scenarios", str(folder), "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err

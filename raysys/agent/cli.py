@@ -1,5 +1,5 @@
-"""`raysys agent ...`: evaluate policies, fit step-time profiles, train TabularQ and the RL policy,
-check scenarios.
+"""`raysys agent ...`: evaluate policies, bound what any policy could score, fit step-time
+profiles, train TabularQ and the RL policy, check scenarios.
 
 raysys/cli.py mounts `app` as `raysys agent`; `main(["agent", ...])` and
 `python -m raysys.agent.cli agent ...` run the same commands, with the same exit statuses.
@@ -85,6 +85,37 @@ def evaluate_policies(
     print(report.table())
     path = report.to_json(json_path)
     print(f"\n{len(report.episodes)} episodes in {elapsed:.1f} s; results written to {path}")
+
+
+@app.command()
+def bound(
+    scenarios: Annotated[str, typer.Option(help="folder of scenario YAML files")] = "scenarios",
+    seeds: Annotated[int, typer.Option(help="seeds 0..N-1 per scenario")] = 3,
+) -> None:
+    """a score no policy can beat on each scenario, against oracle-static (raysys/agent/bound.py)"""
+    from raysys.agent.bound import score_lower_bound
+    from raysys.agent.evaluate import oracle_static
+
+    if seeds < 1:
+        fail("--seeds must be at least 1")
+    try:
+        loaded = _load(scenarios)
+    except ConfigError as exc:
+        fail(exc)
+    print(f"{'scenario':<28} {'oracle-static':>13} {'bound':>9} {'bound / oracle':>15}")
+    ratios = []
+    for scenario in loaded:
+        pairs = [(oracle_static(scenario, seed)[0].score, score_lower_bound(scenario, seed))
+                 for seed in range(seeds)]
+        oracle = sum(o for o, _ in pairs) / seeds
+        lower = sum(b for _, b in pairs) / seeds
+        ratio = sum(b / o for o, b in pairs) / seeds
+        ratios.append(ratio)
+        print(f"{scenario.name:<28} {oracle:>13.0f} {lower:>9.0f} {ratio:>15.3f}")
+    print(f"{'mean':<28} {'':>13} {'':>9} {sum(ratios) / len(ratios):>15.3f}")
+    print("\nno policy can score below the bound (the future known, every change free and "
+          "instant;\nsee raysys/agent/bound.py); a policy's ratio to oracle-static minus the "
+          "bound's is its most room")
 
 
 def _tabular_table(table_path: str | None, episodes: int, scenarios):
