@@ -152,3 +152,41 @@ def test_cli_bound_prints_the_bound_against_oracle_static(tmp_path, capsys) -> N
     assert 0.3 < ratio <= 1.0 and lower <= oracle
     assert main(["agent", "bound", "--scenarios", str(folder), "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_the_bound_holds_from_any_start_even_for_a_truncated_episode() -> None:
+    """Starting allocations change the simulator's horizon (3x the initial nominal time): with
+    random events drawn on one shared stream, a faster start met other events, and an episode
+    cut short at its earlier max_time_s scored below a bound capped at the default start's."""
+    data = base_scenario(
+        name="overrun",
+        partners=[{"name": "alpha", "batch_share": 64, "workers": 1, "max_workers": 4}],
+        nodes=[{"id": "n", "cpus": 4}],
+        random_events=[
+            {"kind": "stragglers", "rate_per_hour": 3600, "factor": [1.0001, 1.0001],
+             "duration_s": [1, 1], "target": "worker"},
+            {"kind": "contention", "rate_per_hour": 6, "cpus": [36, 36],
+             "duration_s": [10000, 10000]},
+        ],
+    )
+    scenario = scenario_from_dict(data)
+    for seed in range(6):
+        bound = score_lower_bound(scenario, seed)
+        for workers in range(1, 5):
+            sim = Simulator(scenario, seed=seed, initial_workers={"alpha": workers})
+            sim.run_to_end()
+            assert bound <= sim.score, (seed, workers, bound, sim.score, sim.finished)
+
+
+def test_episodes_of_a_seed_share_every_event_before_the_earlier_horizon() -> None:
+    scenario = scenario_from_dict(EVENTFUL)
+    slow, fast = (Simulator(scenario, seed=4, initial_workers={"alpha": n, "beta": 1})
+                  for n in (1, 6))
+    assert slow.max_time_s != fast.max_time_s
+    horizon = min(slow.max_time_s, fast.max_time_s)
+
+    def before(sim: Simulator) -> list[tuple]:
+        return sorted((e.time, e.kind, e.factor, e.cpus, e.pick) for e in sim._events
+                      if e.time < horizon)
+
+    assert before(slow) == before(fast) and len(before(slow)) > 20

@@ -29,8 +29,8 @@ EVENTFUL = base_scenario(
     name="eventful",
     episode={"samples": 150_000, "observation_noise": 0.03},
     random_events=[
-        {"kind": "stragglers", "rate_per_hour": 20},
-        {"kind": "worker_failures", "rate_per_hour": 3},
+        {"kind": "stragglers", "rate_per_hour": 60},
+        {"kind": "worker_failures", "rate_per_hour": 20},
     ],
 )
 BUILDERS = {name: default_builder(name) for name in ("static", "threshold", "goodput")}

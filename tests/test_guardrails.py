@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from hypothesis import HealthCheck, given, settings
@@ -211,10 +212,19 @@ def test_straggler_ratio_still_lets_a_job_be_packed_onto_one_node() -> None:
     snap = Snapshot(100.0, 0, 0, 10, workers, [PartnerView("a", 3, 1, 4, 24)],
                     [NodeView("big", {}, 4, 2), NodeView("small", {}, 4, 3)],
                     {"a": 1.0}, {"a": {}}, None, 0, 0, 0, 1.1, 1.0)
+    for guard in (Guardrails(GuardrailConfig(straggler_ratio=2.0)), Guardrails()):
+        assert guard.filter(Replace("a/2", node="big"), snap) == Replace("a/2", node="big")
+        # A packing move whose node has no room is dropped, not turned into a move elsewhere.
+        full = dataclasses.replace(snap, nodes=[NodeView("big", {}, 4, 0),
+                                                NodeView("small", {}, 4, 3)])
+        assert guard.filter(Replace("a/2", node="big"), full) == NOOP
     guard = Guardrails(GuardrailConfig(straggler_ratio=2.0))
-    assert guard.filter(Replace("a/2", node="big"), snap) == Replace("a/2", node="big")
     assert guard.filter(Replace("a/0", node="small"), snap) == NOOP
     assert guard.filter(Replace("a/2"), snap) == NOOP
+    # Between two nodes running as many of the job each, either may become the packed one.
+    even = dataclasses.replace(snap, workers=[*workers, WorkerView("a/3", "a", "small", 1.0, 8,
+                                                                   True)])
+    assert guard.filter(Replace("a/3", node="big"), even) == Replace("a/3", node="big")
 
 
 @settings(max_examples=25, deadline=None)

@@ -135,6 +135,23 @@ def test_goodput_packs_a_communication_bound_job_onto_one_node() -> None:
     assert goodput.score < 0.6 * static.score
 
 
+def test_goodput_packs_onto_real_nodes_only() -> None:
+    """The autoscaler's stand-in node for capacity to come is no place to pack onto, and
+    neither is a node where a worker straggles."""
+    from raysys.agent.goodput import pack_node
+    from raysys.control.autoscale import VIRTUAL_NODE_PREFIX
+    from raysys.control.snapshot import NodeView
+
+    scenario = scenario_from_dict(_shared_pool(sync_cross=0.4, sync_local=0.02))
+    snap = Simulator(scenario, seed=0).snapshot()
+    counts = {"alpha": 2, "beta": 1}
+    assert pack_node(snap, counts).id == "n-0"  # alpha's two workers are there already
+    assert pack_node(snap, counts, frozenset({"n-0"})).id != "n-0"
+    virtual = NodeView(f"{VIRTUAL_NODE_PREFIX}alpha", {"site": "a"}, 100, 100)
+    only_virtual = dataclasses.replace(snap, nodes=[virtual])
+    assert pack_node(only_virtual, counts) is None
+
+
 def test_goodput_trying_a_pack_costs_a_compute_bound_job_little() -> None:
     """From one configuration goodput cannot tell compute from sync, and its prior (in-node sync
     4x faster) may make it try a pack where sync hardly matters. That try must stay cheap: at

@@ -102,6 +102,22 @@ events:
 """,
         ":11: events.1.straggler.factor: Input should be greater than 1",
     ),
+    "random_factor": (
+        """\
+name: broken
+profile: {parametric: {a: 0.02, b: 0.001, c: 0.05}}
+episode: {samples: 1000}
+objective: {cost_per_worker_second: 0.02}
+partners:
+  - {name: alpha, batch_share: 64, workers: 1, max_workers: 4}
+nodes:
+  - {id: n, cpus: 8}
+random_events:
+  - {kind: stragglers, rate_per_hour: 10, factor: [0.2, 0.5]}
+""",
+        ":10: random_events.0.stragglers: factor must be a range [low, high] with "
+        "1 < low <= high",
+    ),
     "trace": (
         """\
 name: broken

@@ -31,8 +31,16 @@ runs in each piece (time-sharing inside a piece is allowed, and so is stopping);
 max_mu [mu * W + sum_pieces length * min(0, min_N (N - mu * r(N)))] is concave and piecewise
 linear in mu, so it is evaluated exactly at its kinks. A job that ends in (T_k, T_k+1] scores
 at least T_k + lambda * WS(T_k+1), WS non-increasing in the deadline; the bound is the least of
-these over a fine grid of deadlines. An episode the simulator cuts short at its max_time_s
-scores at least max_time_s, so the bound is the lower of the two.
+these over a fine grid of deadlines. An episode the simulator cuts short scores at least its
+max_time_s, 3 * W / (its initial rate) + 600 s unless the scenario fixes it, and no initial
+allocation runs faster than the relaxation's best rate before any event: the bound is the lower
+of the two.
+
+Which episodes it covers: every start and every sequence of decisions, for the evaluator's
+episodes (no Variation). A scenario's random events are drawn up to a horizon that depends on the
+initial allocation, but each generator from its own stream (sim_events.build_timeline), so
+episodes of one seed share every event before the earlier of their horizons, and an episode never
+runs past its own.
 """
 
 from __future__ import annotations
@@ -193,6 +201,16 @@ class WorkerSecondsBound:
         return float(max(duals.max(), 0.0))
 
 
+def _least_truncated_score(scenario: LoadedScenario, seed: int) -> float:
+    """What an episode cut short at its max_time_s scores at least, from any start."""
+    fixed = scenario.spec.episode.max_time_s
+    if fixed:
+        return fixed
+    sim = Simulator(scenario, seed=seed)  # the cluster before any event, as a start sees it
+    _, rates = best_rates(scenario, seed, [_piece(sim, scenario.spec, 0.0, 0.0)])
+    return 3.0 * scenario.spec.episode.samples / float(rates.max()) + 600
+
+
 def _hull_slopes(rates: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Slopes (extra workers per extra sample/s) along the lower convex hull of the points
     (0, 0) (stopped) and (rate, N) of one piece: the prices at which its best choice changes."""
@@ -228,7 +246,7 @@ def score_lower_bound(scenario: LoadedScenario, seed: int) -> float:
             break
         done += best * span
     worker_seconds = WorkerSecondsBound(pieces, counts, rates, work)
-    best_score = Simulator(scenario, seed=seed).max_time_s  # a truncated episode's least score
+    best_score = _least_truncated_score(scenario, seed)
     t = earliest
     while t < best_score:  # a job ending after the best bound so far cannot go below it
         nxt = t * DEADLINE_STEP

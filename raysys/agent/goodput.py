@@ -25,6 +25,7 @@ import numpy as np
 from raysys.agent.actions import rebalance_by_throughput
 from raysys.agent.policies import Policy, register_policy
 from raysys.agent.profile_fit import StepTimeModel
+from raysys.control.autoscale import VIRTUAL_NODE_PREFIX
 from raysys.control.decisions import NOOP, Decision, Replace, Scale
 from raysys.control.snapshot import NodeView, Snapshot, matches
 
@@ -302,6 +303,16 @@ class GoodputGreedyPolicy(Policy):
             name = min(counts, key=lambda n: (target[n] - counts[n], n))
         return Scale(name, target[name] - counts[name])
 
+    def _slow_nodes(self, snapshot: Snapshot) -> frozenset[str]:
+        """Nodes of workers slower than `straggler_ratio` times their partner's other workers:
+        never a place to pack the job onto (the straggler rule would move a worker off again)."""
+        slow = set()
+        for w in snapshot.workers:
+            median = snapshot.median_step_time(w.partner, exclude=w.id) if w.alive else 0.0
+            if median > 0 and w.step_time_s > self.straggler_ratio * median:
+                slow.add(w.node)
+        return frozenset(slow)
+
     def _consolidate(
         self,
         snapshot: Snapshot,
@@ -317,7 +328,7 @@ class GoodputGreedyPolicy(Policy):
         next). Workers leave the nodes that hold fewest of the job first."""
         if hosts < 2:
             return NOOP
-        node = pack_node(snapshot, counts)
+        node = pack_node(snapshot, counts, self._slow_nodes(snapshot))
         if node is None:
             return NOOP
         live = [w for w in snapshot.workers if w.alive]
@@ -359,11 +370,13 @@ class GoodputGreedyPolicy(Policy):
         if any(c <= 0 for c in counts.values()):
             return {p.name: p.workers for p in snapshot.partners}, math.inf
 
+        avoid = self._slow_nodes(snapshot)
+
         def option_hosts(option: dict[str, int]) -> int:
             # Sync only distinguishes "one node" from "several". An allocation one node could
             # run alone is judged packed there (_consolidate gets it there); otherwise, assume
             # growth past the free CPUs of a single shared host leaves it.
-            if pack_node(snapshot, option) is not None:
+            if pack_node(snapshot, option, avoid) is not None:
                 return 1
             if hosts > 1 or sum(option.values()) <= snapshot.total_workers:
                 return hosts
@@ -397,15 +410,19 @@ class GoodputGreedyPolicy(Policy):
         return any(n.id in hosts and n.free_cpus >= need for n in snapshot.nodes_for(partner))
 
 
-def pack_node(snapshot: Snapshot, counts: dict[str, int]) -> NodeView | None:
-    """A node that could run the whole job at `counts` workers per partner alone: it matches every
-    partner's placement and has the CPUs (counting those the job's workers there already use).
+def pack_node(snapshot: Snapshot, counts: dict[str, int],
+              avoid: frozenset[str] = frozenset()) -> NodeView | None:
+    """A node that could run the whole job at `counts` workers per partner alone: a real node
+    (not the autoscaler's stand-in for capacity to come), not in `avoid`, matching every
+    partner's placement, with the CPUs (counting those the job's workers there already use).
     Prefers the node already running most of the job's workers, then the fastest; None if no
     node can."""
     live = [w for w in snapshot.workers if w.alive]
     need = sum(n * snapshot.cpus_per_worker.get(p, 1.0) for p, n in counts.items())
     best, best_key = None, None
     for node in snapshot.nodes:
+        if node.id in avoid or node.id.startswith(VIRTUAL_NODE_PREFIX):
+            continue
         if not all(matches(node.labels, snapshot.placement.get(p.name, {}))
                    for p in snapshot.partners):
             continue

@@ -141,6 +141,13 @@ class RandomStragglers(_Strict):
     duration_s: Range | None = (30.0, 300.0)  # None: persistent
     target: Literal["worker", "node"] = "worker"
 
+    @model_validator(mode="after")
+    def _slower(self) -> RandomStragglers:
+        if not 1 < self.factor[0] <= self.factor[1]:
+            raise ValueError(f"factor must be a range [low, high] with 1 < low <= high (a "
+                             f"straggler is slower), got {list(self.factor)}")
+        return self
+
 
 class RandomContention(_Strict):
     kind: Literal["contention"]

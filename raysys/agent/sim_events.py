@@ -101,18 +101,24 @@ def build_timeline(
             for spec in e.node.expand():
                 add(at, "node_join", join=spec)
 
-    for gen in scenario.random_events:
+    # Each generator draws from a stream of its own, seeded here in a fixed number of draws: the
+    # horizon (which depends on the episode's initial allocation) then only cuts a generator's
+    # tail, and episodes of one seed share every event before the earlier of their horizons.
+    # (One shared stream let a longer horizon shift every later generator's events, so
+    # oracle-static's allocations met other random events than the policies did.)
+    streams = [random.Random(rng.getrandbits(64)) for _ in scenario.random_events]
+    for gen, stream in zip(scenario.random_events, streams, strict=True):
         rate = gen.rate_per_hour / 3600.0
-        t = rng.expovariate(rate)
+        t = stream.expovariate(rate)
         while t < horizon_s:
-            pick = rng.random()
+            pick = stream.random()
             if isinstance(gen, RandomStragglers):
-                duration = None if gen.duration_s is None else _uniform(rng, gen.duration_s)
+                duration = None if gen.duration_s is None else _uniform(stream, gen.duration_s)
                 target = {"worker": "*"} if gen.target == "worker" else {"node": "*"}
                 add(
                     t,
                     "straggler",
-                    factor=_uniform(rng, gen.factor),
+                    factor=_uniform(stream, gen.factor),
                     duration_s=duration,
                     pick=pick,
                     **target,
@@ -124,13 +130,13 @@ def build_timeline(
                     "contention",
                     node="*",
                     selector=dict(gen.selector),
-                    cpus=_uniform(rng, gen.cpus),
-                    duration_s=_uniform(rng, gen.duration_s),
+                    cpus=_uniform(stream, gen.cpus),
+                    duration_s=_uniform(stream, gen.duration_s),
                     pick=pick,
                 )
             elif isinstance(gen, RandomFailures):
                 add(t, "worker_failure", pick=pick)
-            t += rng.expovariate(rate)
+            t += stream.expovariate(rate)
 
     events.sort()
     for seq, event in enumerate(events):

@@ -35,8 +35,8 @@ class GuardrailConfig(BaseModel):
         None,
         ge=1,
         description="if set, only replace a worker this x slower than the median of its partner's "
-        "other workers, or move one to a named node running more of the job's workers than its own "
-        "(consolidation)",
+        "other workers, or move one to a named node running at least as many of the job's workers "
+        "as its own (packing the job)",
     )
 
 
@@ -107,10 +107,10 @@ class Guardrails:
         if worker is None or not worker.alive or snapshot.partner(worker.partner) is None:
             return NOOP
         ratio = self.config.straggler_ratio
-        if ratio is not None:
+        packing = _consolidates(decision, worker.node, snapshot)
+        if ratio is not None and not packing:
             peers = snapshot.median_step_time(worker.partner, exclude=worker.id)
-            slow = peers > 0 and worker.step_time_s >= ratio * peers
-            if not slow and not _consolidates(decision, worker.node, snapshot):
+            if peers <= 0 or worker.step_time_s < ratio * peers:
                 return NOOP  # not measurably slower than its peers (or none to compare with)
         need = snapshot.cpus_per_worker.get(worker.partner, 1.0)
         if decision.node is not None:
@@ -122,6 +122,8 @@ class Guardrails:
                 and node.free_cpus + _EPS >= need
             ):
                 return decision
+        if packing:
+            return NOOP  # a move that packs the job goes to its node or nowhere
         # The newcomer starts before the old worker stops, so it needs a free slot somewhere.
         return Replace(worker.id) if slots(worker.partner) >= 1 else NOOP
 
@@ -174,9 +176,9 @@ def _floor_shares(shares: dict[str, float], min_fraction: float, batch: int) -> 
 
 
 def _consolidates(decision: Replace, current_node: str, snapshot: Snapshot) -> bool:
-    """A move to a named node that runs more of the job's workers than the worker's own node:
-    packing the job (in-node sync), not a replacement of a slow worker."""
-    if decision.node is None:
+    """A move to another named node that runs at least as many of the job's workers as the
+    worker's own node: packing the job (in-node sync), not a replacement of a slow worker."""
+    if decision.node is None or decision.node == current_node:
         return False
     live = [w for w in snapshot.workers if w.alive]
-    return sum(w.node == decision.node for w in live) > sum(w.node == current_node for w in live)
+    return sum(w.node == decision.node for w in live) >= sum(w.node == current_node for w in live)
