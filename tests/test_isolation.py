@@ -93,6 +93,10 @@ def test_no_worker_method_returns_a_row(run, two_partner_data, tmp_path):
     wait_for(controller, lambda p: p["step"] >= step + 25)
     ray.get(controller.parameters.remote())  # read from a live worker
     workers = [w for w in ray.get(controller.workers.remote()) if w["state"] != "gone"]
+    # alpha/1's replacement took over its share of the 0.7 : 0.3 split (as in the simulator)
+    alpha = {w["id"]: w["local_batch"] for w in workers if w["partner"] == "alpha"}
+    newcomer = next(i for i in alpha if i != "alpha/0")
+    assert alpha["alpha/0"] > alpha[newcomer] > 0, alpha
     audited = {}
     for w in workers:
         actor = ray.get_actor(f"raysys:{spec['name']}:{w['id'].replace('/', ':')}")

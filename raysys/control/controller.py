@@ -557,6 +557,9 @@ class JobController:
         for m in self.group.poll_starting():
             if m.state is MemberState.ACTIVE:
                 if m.replaces:
+                    old = self.group.members.get(m.replaces)
+                    if old is not None:
+                        m.share = old.share  # a replacement takes over its share, as in the sim
                     self.group.retire(m.replaces)
                 changed.append(self.executor.joined(m))
         while not self.decisions.empty():

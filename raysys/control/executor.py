@@ -118,6 +118,7 @@ class DecisionExecutor:
         spare = next(iter(self.group.with_state(MemberState.SPARE, p.name)), None)
         if spare is not None and d.node in (None, spare.info.node_id):
             spare.state = MemberState.ACTIVE
+            spare.share = old.share  # it takes over the old worker's share, as in the simulator
             self.group.retire(old.id)
             self.spares_to_refill.append(p.name)
             return RescaleEvent(kind(d), f"{old.id} -> {spare.id} (warm)", now)
