@@ -12,7 +12,7 @@ as ratios to oracle-static as bench/agent_quality.py does. "Most any policy gain
     .venv/bin/python bench/agent_bound.py [--seeds 10] [--scenarios a,b] [--jobs 2]
         [--json bench/results/agent_bound.json]
 
-(10 seeds: a few minutes on 2 cores, nearly all of it oracle-static's search.)
+(10 seeds: ~25 s on 2 cores, nearly all of it oracle-static's search.)
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ Like Pollux, parameters it has no data for are pinned to optimistic priors, so i
 scaling up and learns from what it sees. It also replaces a worker slower than `straggler_ratio`
 times the median of its partner's other workers and rebalances partners whose workers' step
 times are uneven. Where one node could run the whole job (it matches every partner's placement
-and has the CPUs), it weighs that packed placement too (in-node sync) and, when it pays, moves
-the job's workers there one Replace at a time.
+and has the CPUs; not the autoscaler's stand-in node, nor one where a worker straggles), it
+weighs that packed placement too (in-node sync) and, when it pays, moves the job's workers there
+one Replace at a time.
 """
 
 from __future__ import annotations

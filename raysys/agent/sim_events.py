@@ -3,8 +3,11 @@
 Every random draw an event needs (its time, its factor, which worker it hits) is made here, up
 front, from the episode's seed. A policy therefore cannot change which events happen or when: two
 policies run with one seed face the same cluster, which is what makes "best static allocation in
-hindsight" a fair yardstick. Targets chosen at random are stored as a uniform number and resolved
-against the workers alive when the event fires.
+hindsight" a fair yardstick. Random events run up to a horizon that depends on the initial
+allocation (Simulator.max_time_s), each generator from a stream of its own, so episodes that
+start from different allocations share every event before the earlier of their horizons.
+Targets chosen at random are stored as a uniform number and resolved against the workers alive
+when the event fires.
 """
 
 from __future__ import annotations

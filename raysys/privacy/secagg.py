@@ -80,7 +80,7 @@ Keys and masks:
     with different inputs would let a peer subtract two contributions masked alike and see the
     difference of the gradients, so it raises MaskReuseError instead. After a failure the
     controller forms a new generation anyway, which re-keys. (A redone step's second attempt
-    has masks of its own: the attempt is part of the counter block.)
+    has masks of its own: the attempt is part of the XTS tweak.)
 
 Dropout: setup() polls the store until the keys of all cross-partner peers are there and raises
 SecAggSetupError (a CollectiveError) naming the missing ranks when `timeout_s` passes, so a peer
