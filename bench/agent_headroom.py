@@ -22,7 +22,7 @@ knowing the scenario (which workers sit on slow nodes, what is about to fail).
     .venv/bin/python bench/agent_headroom.py [--seeds 0] [--every 4] [--jobs 2]
         [--scenarios a,b] [--base goodput] [--json bench/results/agent_headroom.json]
 
-(3 seeds: ~65 min on 2 cores, most of it long_mixed; one seed of the other 13: ~5 min.)
+(3 seeds: ~50 min on 2 cores, most of it long_mixed; one seed of the other 13: ~5 min.)
 """
 
 from __future__ import annotations
