@@ -105,8 +105,9 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
     from raysys.control.controller import RemoteJobController
 
     check_against_cluster(spec, ray.nodes())
-    _wait_until_name_free(f"raysys:{spec.name}:controller")
-    controller = RemoteJobController.options(name=f"raysys:{spec.name}:controller").remote(
+    controller_name = f"raysys:{spec.name}:controller"
+    _wait_until_name_free(controller_name)
+    controller = RemoteJobController.options(name=controller_name).remote(
         spec.model_dump(), resume
     )
     done = controller.run.remote()
@@ -145,6 +146,9 @@ def run_job(spec: JobSpec, resume: bool = False, quiet: bool = False,
             agent.stop.remote()
             agent_status = _agent_status(agent_done)
         ray.kill(controller)  # its workers are already gone; free the name for the next run
+        # ray.kill returns before Ray has released the name: wait, so that when run_job returns
+        # or raises, none of the job's actors is left (a test, or the user's next run, may look).
+        _name_released(controller_name, timeout_s=10.0)
     if agent is not None:
         summary["agent"] = agent_status
         ray.kill(agent)
@@ -183,19 +187,26 @@ class _RunDirectory:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _wait_until_name_free(name: str, timeout_s: float = 15.0) -> None:
-    """A job of this name may still be winding down (e.g. its driver was just killed and Ray is
-    reaping its actors); a second live job of the same name is an error."""
+def _name_released(name: str, timeout_s: float) -> bool:
+    """Whether no actor holds `name` within `timeout_s` (Ray reaps a killed actor's name a
+    moment after ray.kill returns)."""
     deadline = time.time() + timeout_s
     while True:
         try:
             ray.get_actor(name)
         except ValueError:
-            return
+            return True
         if time.time() > deadline:
-            raise ConfigError(f"name: a job named '{name.split(':')[1]}' is already running in "
-                              f"this cluster (actor {name}); choose another job name")
-        time.sleep(0.2)
+            return False
+        time.sleep(0.05)
+
+
+def _wait_until_name_free(name: str, timeout_s: float = 15.0) -> None:
+    """A job of this name may still be winding down (e.g. its driver was just killed and Ray is
+    reaping its actors); a second live job of the same name is an error."""
+    if not _name_released(name, timeout_s):
+        raise ConfigError(f"name: a job named '{name.split(':')[1]}' is already running in "
+                          f"this cluster (actor {name}); choose another job name")
 
 
 def _agent_status(agent_done: ray.ObjectRef) -> dict:
