@@ -668,13 +668,18 @@ class JobController:
             return 0.0
         return self.timeline[-1][0] - self._t_first_step
 
+    # progress() and snapshot() run on the actor's other threads while the training loop appends
+    # to these deques: copy them in one C call (atomic under the GIL) before iterating in Python,
+    # which would raise "deque mutated during iteration" if an append came in between.
     def _mean_step_time(self) -> float:
-        return float(np.mean(self.step_times)) if self.step_times else 0.0
+        times = tuple(self.step_times)
+        return float(np.mean(times)) if times else 0.0
 
     def _throughput(self) -> float:
         """Samples per wall-clock second over the last chunks (includes every overhead)."""
-        samples = sum(n for n, _ in self.chunk_rates)
-        seconds = sum(t for _, t in self.chunk_rates)
+        rates = tuple(self.chunk_rates)
+        samples = sum(n for n, _ in rates)
+        seconds = sum(t for _, t in rates)
         return samples / seconds if seconds else 0.0
 
     def _describe_counts(self) -> str:
