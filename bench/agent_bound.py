@@ -24,8 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import shipped_scenarios
+
 from raysys.agent.bound import score_lower_bound
-from raysys.agent.env import SHIPPED_SCENARIOS, resolve_scenarios
 from raysys.agent.evaluate import default_builder, oracle_static, run_episode
 from raysys.agent.scenarios import LoadedScenario
 
@@ -63,13 +64,7 @@ def main() -> None:
         parser.error("--seeds must be at least 1")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    scenarios = resolve_scenarios(SHIPPED_SCENARIOS)
-    if args.scenarios:
-        wanted = args.scenarios.split(",")
-        unknown = set(wanted) - {s.name for s in scenarios}
-        if unknown:
-            parser.error(f"--scenarios: unknown {sorted(unknown)}")
-        scenarios = [s for s in scenarios if s.name in wanted]
+    scenarios = shipped_scenarios(parser, args.scenarios or "")
     tasks = [(s, seed) for s in scenarios for seed in range(args.seeds)]
     start = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:

@@ -35,8 +35,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import shipped_scenarios
+
 from raysys.agent.actions import ActionSpace
-from raysys.agent.env import SHIPPED_SCENARIOS, resolve_scenarios
 from raysys.agent.evaluate import default_builder, oracle_static, play_to_end, run_episode
 from raysys.agent.policies import Policy, available_policies
 from raysys.agent.scenarios import LoadedScenario
@@ -146,13 +147,7 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    scenarios = resolve_scenarios(SHIPPED_SCENARIOS)
-    if args.scenarios:
-        wanted = args.scenarios.split(",")
-        unknown = set(wanted) - {s.name for s in scenarios}
-        if unknown:
-            parser.error(f"--scenarios: unknown {sorted(unknown)}")
-        scenarios = [s for s in scenarios if s.name in wanted]
+    scenarios = shipped_scenarios(parser, args.scenarios or "")
     # The longest episodes go first so the pool's workers finish together.
     tasks = sorted(((s, seed, args.base, args.every) for s in scenarios for seed in seeds),
                    key=lambda t: -t[0].spec.episode.samples)

@@ -113,3 +113,18 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+def shipped_scenarios(parser, names: str) -> list:
+    """The shipped scenarios, or those named in `names` (comma-separated; empty: all); an unknown
+    name is an argparse error naming --scenarios."""
+    from raysys.agent.env import SHIPPED_SCENARIOS, resolve_scenarios
+
+    scenarios = resolve_scenarios(SHIPPED_SCENARIOS)
+    if not names:
+        return scenarios
+    wanted = names.split(",")
+    unknown = set(wanted) - {s.name for s in scenarios}
+    if unknown:
+        parser.error(f"--scenarios: unknown {sorted(unknown)}")
+    return [s for s in scenarios if s.name in wanted]
