@@ -7,17 +7,17 @@ hosts, as workers are). Every process holds a raysys Replica per model and runs 
     Replica.local_gradients(own rows)  +  all-reduce of the gradient buckets
 
 either plainly (a GenerationGroup's float32 all-reduce) or through a GenerationGroup with secure
-aggregation (SecureAggregator: per-step scale agreement, fixed point, pairwise AES-XTS masks,
-integer all-reduce; int32 on the wire up to 15 workers). The two
-kinds alternate window by window in the same processes, so both see the same neighbours at
-almost the same moments; the ratio of the medians is the figure. The secure steps are numbered
-on across windows, as a job's steps are, so each one's masks are drawn ahead on a background
-thread as in a job (`--no-mask-ahead`: inline); the drawing of the next secure window's first
-masks is finished and timed at the end of each secure window, so it never runs in a plain one.
-apply() runs after every step but outside the timed part (it is the same on both sides).
-Rank 0's clock times a step (the all-reduce keeps the ranks in lock step). Rank 0's process CPU
-time per step is reported too: it is what a step costs the worker, and neighbours on a busy
-host inflate it less than wall time.
+aggregation (SecureAggregator: scales agreed on a generation's first step, then taken from the
+previous sum; fixed point; pairwise AES-128-CTR masks drawn and added in one pass; integer
+all-reduce, int32 on the wire up to 15 workers). The two kinds alternate window by window in the
+same processes, so both see the same neighbours at almost the same moments; the ratio of the
+medians is the figure. The secure steps are numbered on across windows, as a job's steps are, so
+each one's masks are drawn ahead on a background thread as in a job (`--no-mask-ahead`: inline);
+the drawing of the next secure window's first masks is finished and timed at the end of each
+secure window, so it never runs in a plain one. apply() runs after every step but outside the
+timed part (it is the same on both sides). Rank 0's clock times a step (the all-reduce keeps the
+ranks in lock step). Rank 0's process CPU time per step is reported too: it is what a step costs
+the worker, and neighbours on a busy host inflate it less than wall time.
 
 Partners: by default every worker is a different partner (`--partners distinct`), the worst
 case: every rank masks with all w-1 others, so the masking work per rank grows with w.

@@ -323,27 +323,49 @@ def test_new_generation_new_keys_new_masks() -> None:
         assert_within_quantization(out, reference_sum(inputs), agg)
 
 
-def test_a_mask_is_aes_xts_of_zeros_one_unit_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The keystream, derived here independently of the aggregator: AES-128-XTS of zeros under
-    the pair key, tweak (step, attempt, bucket, chunk), a short last chunk drawn as one 16-byte
-    unit. Peers on two versions of this would not cancel each other's masks."""
+def test_a_mask_is_aes_128_ctr_from_the_step_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keystream, derived here with OpenSSL independently of the aggregator: AES-128-CTR
+    under the pair key from the counter block be64(step) || be64(attempt << 60 | bucket << 44),
+    read as little-endian words, across chunks. Peers on two versions of this would not cancel
+    each other's masks."""
     monkeypatch.setattr(secagg, "CHUNK", 64)
     partners = ["a", "b"]
     inputs = [make_buckets(r, [300]) for r in range(2)]
     store = dist.HashStore()
     aggs = [agg for _, agg, _ in ok(run_ranks(2, lambda r: secure_sum(store, 1, r, partners,
                                                                       inputs[r])))]
-    key = aggs[0]._pair_keys[1]
-    assert len(key) == 32 and key == aggs[1]._pair_keys[0]
-    numel = 2 * 64 + 2  # two whole chunks and a short one (8 bytes: drawn as 16)
-    words = []
-    for chunk, size in enumerate([64, 64, 2]):
-        tweak = struct.pack(">QHHI", 5, 1, 3, chunk)
-        unit = Cipher(algorithms.AES(key), modes.XTS(tweak)).encryptor().update(
-            bytes(max(4 * size, 16)))
-        words.append(np.frombuffer(unit, dtype=np.int32)[:size])
-    expected = torch.from_numpy(np.concatenate(words)) & ((1 << aggs[0].ring_bits) - 1)
+    key = aggs[0]._pair_keys[1].key
+    assert len(key) == 16 and key == aggs[1]._pair_keys[0].key
+    numel = 2 * 64 + 2  # two whole chunks and two words of a third
+    counter = struct.pack(">QQ", 5, 1 << 60 | 3 << 44)
+    stream = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor().update(bytes(4 * numel))
+    expected = torch.from_numpy(np.frombuffer(stream, dtype="<i4").copy()) & (
+        (1 << aggs[0].ring_bits) - 1)
     assert torch.equal(aggs[0].pair_mask(1, 5, 3, numel, attempt=1), expected)
+
+
+@pytest.mark.parametrize("lanes", [(4, 0, 2), (1, 2, 0)])
+def test_ranks_drawing_masks_differently_still_cancel(monkeypatch: pytest.MonkeyPatch,
+                                                      lanes: tuple[int, ...]) -> None:
+    """Ranks on different CPUs draw the keystream with different code (512-, 256-, 128-bit AES
+    instructions, or OpenSSL): the masks are the same, so the sum is still right."""
+    by_thread: dict[str, int] = {}
+
+    def lanes_of_this_rank() -> int:
+        return by_thread[threading.current_thread().name]
+
+    monkeypatch.setattr(secagg, "default_lanes", lanes_of_this_rank)
+    partners = ["a", "b", "c"]
+    inputs = [make_buckets(r, [500, 70]) for r in range(3)]
+    store = dist.HashStore()
+
+    def rank(r: int) -> tuple:
+        by_thread[threading.current_thread().name] = lanes[r]
+        return secure_sum(store, 1, r, partners, inputs[r])
+
+    for r, (out, agg, _) in enumerate(ok(run_ranks(3, rank))):
+        assert agg._lanes == lanes[r]
+        assert_within_quantization(out, reference_sum(inputs), agg)
 
 
 def test_a_step_is_never_masked_twice_in_a_generation() -> None:

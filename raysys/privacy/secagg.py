@@ -63,32 +63,26 @@ Keys and masks:
     every rank comes from the controller's plan; a published name that disagrees is an error (a
     worker cannot opt out of masking by claiming to be a peer's partner).
   * Pair key: HKDF-SHA256(X25519 shared secret, info = generation, both ranks, both partners,
-    both public keys) -> a 256-bit AES-128-XTS key (two AES keys). New generation => new key
-    pairs => new masks.
-  * Mask of (pair, step, attempt, bucket): per chunk of CHUNK wire words, AES-128-XTS applied
-    to zeros under the pair's 256-bit key with the tweak step (8 bytes) | attempt (2) |
-    bucket (2) | chunk (4), read as wire words (mod 2^k). Why that is a PRG: XTS encrypts block
-    j of a unit with tweak t as E_K1(P_j ^ T) ^ T, T = E_K2(t) * alpha^j; with P = 0 that is a
-    block cipher on distinct secret inputs T, XORed with T: pseudo-random, like CTR's E_K(ctr),
-    up to the same birthday bound. (numpy's PCG64/Philox are not PRGs: their output reveals
-    their state.) Why XTS and not CTR: OpenSSL's vector-AES code path makes it the fastest AES
-    keystream on current x86 (14.6 GB/s here against 8.5 for CTR and 10.7 for GCM, 512 KiB
-    units, bench/secagg_overhead.py), and without vector AES it runs at CTR's speed (both
-    pipeline AES-NI). Every chunk is its own XTS unit (XTS allows no streaming), 16 bytes at
-    least: a shorter last chunk draws 16 bytes and uses its first words.
+    both public keys) -> a 128-bit AES key. New generation => new key pairs => new masks.
+  * Mask of (pair, step, attempt, bucket): the AES-128-CTR keystream under the pair key from
+    the counter block be64(step) || be64(attempt << 60 | bucket << 44), read as little-endian
+    wire words (mod 2^k); raysys.privacy.aesctr draws it and adds it in the same pass, and
+    documents the layout and why it is pseudo-random. (numpy's PCG64/Philox are not PRGs:
+    their output reveals their state.)
   * A (generation, step) pair is masked at most once: re-running a step in the same generation
     with different inputs would let a peer subtract two contributions masked alike and see the
     difference of the gradients, so it raises MaskReuseError instead. After a failure the
     controller forms a new generation anyway, which re-keys. (A redone step's second attempt
-    has masks of its own: the attempt is part of the XTS tweak.)
+    has masks of its own: the attempt is part of the counter.)
 
 Dropout: setup() polls the store until the keys of all cross-partner peers are there and raises
 SecAggSetupError (a CollectiveError) naming the missing ranks when `timeout_s` passes, so a peer
 that died between the plan and the rendezvous fails the join instead of hanging it. A peer lost
 in the middle of a step makes the integer all-reduce fail as it would without masks.
 
-Cost per step and worker: per masked peer one AES keystream (the first written straight into the
-send buffer, the others added on unsigned views); one encode pass (scale, range check, clamp,
+Cost per step and worker: per masked peer one AES keystream, drawn and added to the send buffer
+in one pass (aesctr: on 512-bit vector AES where the CPU has it, ~22 GB/s here, against ~16 GB/s
+plus an addition pass for OpenSSL's fastest mode); one encode pass (scale, range check, clamp,
 round, convert, add to the masks, reduce: raysys.privacy.ringcodec.encode_into) run on each
 CHUNK right after its masks, while both are in cache; one decode pass after the sum (reduce,
 sign, convert, scale, and the peak that sets the next step's scale: decode_into). On the 32-bit
@@ -115,7 +109,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -127,9 +120,16 @@ import torch
 import torch.distributed as dist
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from raysys.privacy.aesctr import (
+    BLOCK_BYTES,
+    MAX_BLOCKS,
+    MAX_BUCKETS,
+    PairKey,
+    default_lanes,
+    keystream_into,
+)
 from raysys.privacy.ringcodec import decode_into, encode_into
 from raysys.train.collective import CollectiveError
 from raysys.train.replica import TAIL
@@ -143,13 +143,10 @@ MIN_SCALE_EXPONENT, MAX_SCALE_EXPONENT = -126, 126  # 2^(P - e) stays a normal f
 # counts get scales of their own, so a large loss cannot coarsen the gradients' scale and the
 # counts stay exact integers.
 COUNT_SLOTS = TAIL - 1
-# Elements per cache block: a block's masks are drawn and its values encoded while it is in cache
-# (512 KiB of ring words, as much keystream and the floats). Of 2^14-2^18, 2^17 was fastest here
-# for a 1M-value bucket: 1.97 ms a step against 2.55 ms at 2^18 and 2.27 ms at 2^14.
+# Elements per cache block: a block's masks are added and its values encoded while it is in cache
+# (512 KiB of ring words and as many floats).
 CHUNK = 1 << 17
 _PUBKEY_BYTES = 32
-_MAX_CHUNKS = 2**32  # per bucket: the chunk's field in the XTS tweak is 32 bits
-_MIN_UNIT = 16  # bytes: an XTS unit is at least one AES block
 _UNSIGNED = {torch.int32: np.uint32, torch.int64: np.uint64}  # views for modular arithmetic
 # The next step's scales come from this step's (public) aggregate, with this many bits of room
 # for a rank whose values exceed the aggregate's or grow: 4x. Beyond it the step is redone.
@@ -181,19 +178,16 @@ class _Cancelled(Exception):
 @dataclass
 class _MaskBuffers:
     """A second set of encoding buffers, into which the next step's masks are drawn on another
-    thread while this step trains, with its own keystream scratch (the step's is in use)."""
+    thread while this step trains."""
 
     enc: list[torch.Tensor]
-    bytes: list[memoryview]
-    ks: torch.Tensor
-    ks_bytes: memoryview
     step: int = -1  # the step whose masks they hold (or are being drawn)
     future: Future | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
     def fits(self, sizes: list[int], dtype: torch.dtype) -> bool:
         """Whether these buffers have the shape of encoding buffers of `sizes` words of `dtype`."""
-        return [e.numel() for e in self.enc] == sizes and self.ks.dtype == dtype
+        return [e.numel() for e in self.enc] == sizes and self.enc[0].dtype == dtype
 
 
 class SecureAggregator:
@@ -221,7 +215,7 @@ class SecureAggregator:
         self.rank = 0
         self.world = 1
         self.partners: tuple[str, ...] = ()
-        self._pair_keys: dict[int, bytes] = {}  # peer rank -> AES key, cross-partner peers only
+        self._pair_keys: dict[int, PairKey] = {}  # peer rank -> AES key, cross-partner peers only
         self._masked_steps: set[int] = set()
         self.last_nonfinite = 0  # NaN/Inf values in the last step, whole group
         self.last_exponents: list[int] = []  # the exponent per segment the last step used
@@ -229,9 +223,8 @@ class SecureAggregator:
         self.redone_steps = 0  # steps re-sent at agreed scales after a cached scale overflowed
         self.last_payload_bytes = 0  # what the last step all-reduced: ring words, agreements
         self._enc: list[torch.Tensor] = []  # the encoded buckets, reused every step
-        self._enc_bytes: list[memoryview] = []  # their bytes, with room for update_into
         self._flip = 0  # -1 when the first masked peer's mask is subtracted (see _mask)
-        self._zeros = memoryview(bytes(CHUNK * 8))
+        self._lanes = 0  # the keystream's vector width (aesctr.default_lanes), fixed at setup
         self._ring(64 if wire_bits == 64 else 32, 2)
 
     def _ring(self, wire_bits: int, world: int) -> None:
@@ -247,16 +240,15 @@ class SecureAggregator:
         # (decode_into).
         self._ring_words = tuple(self._word(x) for x in (
             self._ring_mask, 1 << (self.ring_bits - 1), 1 << self.ring_bits))
-        # Room for a short last chunk's 16-byte XTS unit (see _buffers).
-        self._ks = torch.empty(CHUNK + 16 // self.wire_dtype.itemsize, dtype=self.wire_dtype)
-        self._ks_bytes = memoryview(self._ks.numpy()).cast("B")
 
     @classmethod
     def warm(cls) -> None:
         """Load the compiled ring kernels (numba's cache, or a compilation) and start numba's
-        runtime, for both wire words, on a few values. A worker process's first secure step
-        would otherwise pay it (~1.2 s here); workers of a secure job call this while loading,
-        so the cost is off the training's path (a newcomer pays it before it joins)."""
+        runtime, for both wire words, on a few values, and compile the keystream loop
+        (aesctr, ~0.1 s). A worker process's first secure step would otherwise pay it (~1.2 s
+        here); workers of a secure job call this while loading, so the cost is off the
+        training's path (a newcomer pays it before it joins)."""
+        keystream_into(np.zeros(4, dtype=np.uint32), PairKey(bytes(16)), "store", 0, 0, 0, 0)
         values = torch.zeros(4)
         for bits in (32, 64):
             agg = cls(wire_bits=bits)
@@ -290,6 +282,7 @@ class SecureAggregator:
                              f"not {world}")
         self.close()
         self._ring(wire_bits, world)
+        self._lanes = default_lanes()
         self.generation, self.rank, self.world = generation, rank, world
         self.partners = tuple(partners)
         try:
@@ -339,14 +332,11 @@ class SecureAggregator:
                 ) from exc
             lo, hi = sorted((rank, j))
             pub = {rank: public, j: peer_public}
-            info = b"|".join([b"raysys-secagg-v2", str(generation).encode(),
+            info = b"|".join([b"raysys-secagg-v3", str(generation).encode(),
                               f"{lo},{hi}".encode(), partners[lo].encode(),
                               partners[hi].encode(), pub[lo], pub[hi]])
-            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
-            if key[:16] == key[16:]:  # XTS refuses equal halves; probability 2^-128
-                raise SecAggSetupError(f"generation {generation}: the key of ranks {lo},{hi} "
-                                       "has equal halves; set up a new generation")
-            self._pair_keys[j] = key
+            key = HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=info).derive(shared)
+            self._pair_keys[j] = PairKey(key)
 
     def _store_key(self, rank: int) -> str:
         return f"secagg/gen-{self.generation}/{rank}"
@@ -497,39 +487,33 @@ class SecureAggregator:
         every peer j above this rank, - m_ij below, so every pair cancels in the group's sum.
         With `buckets`, also encode each piece of gradients right after its masks, while both
         are in cache; returns whether a value was out of range (see _encode_bodies). With
-        `into`, fill those buffers instead (masks drawn ahead, on another thread): they have
-        their own keystream scratch, and a set `cancel` stops the work between chunks.
+        `into`, fill those buffers instead (masks drawn ahead, on another thread); a set
+        `cancel` stops the work between chunks.
 
-        The first peer's keystream is written straight into the buffer; the others are added
-        on unsigned views, where numpy defines addition modulo 2^W (2^k divides 2^W, so no
-        reduction per peer), with the sign relative to the first peer's; encode_into applies
-        the first peer's sign (self._flip) to the whole sum."""
-        width = self.wire_dtype.itemsize
+        The first peer's keystream is written into the buffer, the others' are added to or
+        subtracted from it in the same pass that draws them (aesctr.keystream_into), on
+        unsigned views, where addition modulo 2^W is defined (2^k divides 2^W, so no reduction
+        per peer), with the sign relative to the first peer's; encode_into applies the first
+        peer's sign (self._flip) to the whole sum."""
         unsigned = _UNSIGNED[self.wire_dtype]
-        enc, enc_bytes = (self._enc, self._enc_bytes) if into is None else (into.enc, into.bytes)
-        keystream_bytes = self._ks_bytes if into is None else into.ks_bytes
-        keystream = (self._ks if into is None else into.ks).numpy().view(unsigned)
+        per_block = BLOCK_BYTES // self.wire_dtype.itemsize
+        enc = self._enc if into is None else into.enc
         first_adds = self._flip == 0  # see setup()
+        peers = [(self._pair_keys[j], "add" if (j > self.rank) == first_adds else "sub")
+                 for j in self.masked_peers]
+        peers[0] = (peers[0][0], "store")
         out_of_range = False
         for i, e in enumerate(enc):
             acc = e.numpy()
             acc_unsigned = acc.view(unsigned)
-            peers = [(j, (j > self.rank) == first_adds) for j in self.masked_peers]
-            (first, _), rest = peers[0], peers[1:]
             body = self._body(buckets, i) if buckets is not None else 0
             for a in range(0, acc.size, CHUNK):
                 if into is not None and into.cancel.is_set():
                     raise _Cancelled  # half-drawn buffers must never pass for drawn ones
                 z = min(CHUNK, acc.size - a)
-                unit = self._zeros[: max(z * width, _MIN_UNIT)]  # the slack takes a short one
-                chunk = a // CHUNK
-                self._stream(first, step, attempt, i, chunk).update_into(
-                    unit, enc_bytes[i][a * width:])
-                for peer, same_sign in rest:
-                    self._stream(peer, step, attempt, i, chunk).update_into(
-                        unit, keystream_bytes)
-                    combine = np.add if same_sign else np.subtract
-                    combine(acc_unsigned[a: a + z], keystream[:z], out=acc_unsigned[a: a + z])
+                for key, op in peers:
+                    keystream_into(acc_unsigned[a: a + z], key, op, step, attempt, i,
+                                   a // per_block, self._lanes)
                 if a < body:
                     out_of_range |= self._encode(buckets[i].view(-1)[a: min(a + z, body)],
                                                  acc[a: a + z], self.last_exponents[i],
@@ -555,9 +539,7 @@ class SecureAggregator:
             return
         buf = self._ahead
         if buf is None or not buf.fits(sizes, self.wire_dtype):
-            enc, enc_bytes = _buffers(sizes, self.wire_dtype)
-            ks = torch.empty_like(self._ks)
-            buf = self._ahead = _MaskBuffers(enc, enc_bytes, ks, memoryview(ks.numpy()).cast("B"))
+            buf = self._ahead = _MaskBuffers(_buffers(sizes, self.wire_dtype))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="secagg-masks")
         buf.step = step + stride
@@ -582,7 +564,6 @@ class SecureAggregator:
             return False
         buf.future = None
         self._enc, buf.enc = buf.enc, self._enc
-        self._enc_bytes, buf.bytes = buf.bytes, self._enc_bytes
         self.steps_masked_ahead += 1
         return True
 
@@ -689,27 +670,16 @@ class SecureAggregator:
             exponents.append(_exponent(max(abs(float(values[body + j])) for j in slots)))
         return exponents
 
-    def _stream(self, peer: int, step: int, attempt: int, bucket: int,
-                chunk: int) -> CipherContext:
-        """The XTS unit whose encryption of zeros is the pair's mask for one chunk: the tweak
-        (step, attempt, bucket, chunk) differs for every chunk a pair ever masks with its key."""
-        tweak = struct.pack(">QHHI", step, attempt, bucket, chunk)
-        return Cipher(algorithms.AES(self._pair_keys[peer]), modes.XTS(tweak)).encryptor()
-
     def pair_mask(self, peer: int, step: int, bucket: int, numel: int,
                   attempt: int = 0) -> torch.Tensor | None:
         """The mask this rank shares with `peer` for (step, bucket, attempt), or None if the
         pair is not masked (same partner). For tests and audits, not the hot path."""
         if peer not in self._pair_keys:
             return None
-        width = self.wire_dtype.itemsize
-        parts = []
-        for a in range(0, numel, CHUNK):
-            z = min(CHUNK, numel - a)
-            self._stream(peer, step, attempt, bucket, a // CHUNK).update_into(
-                self._zeros[: max(z * width, _MIN_UNIT)], self._ks_bytes)
-            parts.append(self._ks[:z].bitwise_and(self._ring_mask))
-        return torch.cat(parts) if parts else torch.empty(0, dtype=self.wire_dtype)
+        mask = torch.empty(numel, dtype=self.wire_dtype)
+        keystream_into(mask.numpy().view(_UNSIGNED[self.wire_dtype]), self._pair_keys[peer],
+                       "store", step, attempt, bucket, 0, self._lanes)
+        return mask.bitwise_and_(self._ring_mask)
 
     def _reserve(self, buckets: list[torch.Tensor]) -> None:
         sizes = [b.numel() for b in buckets]
@@ -717,24 +687,19 @@ class SecureAggregator:
         if sizes[-1] <= TAIL + STATUS_SLOTS:
             raise ValueError(f"the last bucket must end in Replica's {TAIL} tail slots and hold "
                              "gradients before them")
-        if len(sizes) >= 2**16:  # the bucket's field in the XTS tweak is 16 bits
+        if len(sizes) > MAX_BUCKETS:  # the bucket's field in the masks' counter
             raise ValueError(f"{len(sizes)} buckets are too many; use larger buckets")
-        if max(sizes) > CHUNK * _MAX_CHUNKS:
-            raise ValueError(f"a bucket of {max(sizes)} values has too many chunks for the "
-                             f"masks' tweak (at most {CHUNK * _MAX_CHUNKS} values); use smaller "
-                             "buckets")
+        most = MAX_BLOCKS * (BLOCK_BYTES // self.wire_dtype.itemsize)
+        if max(sizes) > most:
+            raise ValueError(f"a bucket of {max(sizes)} values is too large for the masks' "
+                             f"counter (at most {most} values); use smaller buckets")
         if [e.numel() for e in self._enc] != sizes or self._enc[0].dtype != self.wire_dtype:
-            self._enc, self._enc_bytes = _buffers(sizes, self.wire_dtype)
+            self._enc = _buffers(sizes, self.wire_dtype)
 
 
-def _buffers(sizes: list[int], dtype: torch.dtype) -> tuple[list[torch.Tensor], list[memoryview]]:
-    """Encoding buffers of `sizes` words, and their bytes. The first peer's keystream goes
-    straight into them, and an XTS unit is at least 16 bytes: each buffer is a view of storage
-    16 bytes longer, so a last chunk shorter than that has room for its whole unit."""
-    slack = 16 // dtype.itemsize
-    storage = [torch.empty(n + slack, dtype=dtype) for n in sizes]
-    return ([t[:n] for t, n in zip(storage, sizes, strict=True)],
-            [memoryview(t.numpy()).cast("B") for t in storage])
+def _buffers(sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Encoding buffers of `sizes` words."""
+    return [torch.empty(n, dtype=dtype) for n in sizes]
 
 
 def mask_peers(partners: Sequence[str], rank: int, neighbours: int | None = None) -> list[int]:
