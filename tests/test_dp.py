@@ -443,3 +443,160 @@ def test_a_spent_budget_says_what_happens_next(two_partner_data, tmp_path, job_s
         messages += privacy.record(ledger, step)
     assert len(messages) == 1 and messages[0].endswith(f"at step {budget_steps}: {said}")
     assert privacy.silenced == {"beta"} and not privacy.stop_job
+
+
+def _privacy_after(two_partner_data, tmp_path, job_steps: int, dp: dict, steps_taken: int):
+    """A PartnerPrivacy for beta under `dp` and its ledger after `steps_taken` steps."""
+    from conftest import make_spec
+
+    from raysys.control.ledger import Ledger
+    from raysys.control.privacy import PartnerPrivacy
+    from raysys.spec import JobSpec
+
+    spec_dict = make_spec(two_partner_data, tmp_path, steps=job_steps)
+    spec_dict["partners"][1]["privacy"] = {"dp": dp}
+    privacy = PartnerPrivacy(JobSpec.model_validate(spec_dict), {"alpha": 150, "beta": 90},
+                             {"alpha": 19, "beta": 11})
+    ledger = Ledger(["alpha", "beta"], "t")
+    for step in range(1, steps_taken + 1):
+        ledger.record_steps(1, privacy.batches({"alpha": 19, "beta": 11}),
+                            {"alpha": 1, "beta": 1}, {}, {})
+        privacy.record(ledger, step)
+    privacy.update_epsilon(ledger, force=True)
+    return privacy, ledger
+
+
+def test_a_resumed_job_accounts_past_steps_at_the_noise_they_had(two_partner_data,
+                                                                 tmp_path) -> None:
+    """Resuming with a longer job under target_epsilon alone resolves to more noise per step;
+    the steps already taken keep their own, smaller noise in the account (re-counting them at
+    the new one would under-report epsilon), and the budget lasts only as long as the true
+    history leaves room for."""
+    from opacus.accountants import RDPAccountant
+
+    from raysys.control.ledger import Ledger
+
+    dp = {"target_epsilon": 1.0, "max_grad_norm": 1.0}
+    first, ledger = _privacy_after(two_partner_data, tmp_path, 40, dp, steps_taken=20)
+    saved, counters = first.state_dict(), ledger.to_dict()
+    sigma_then, q = first.plans["beta"].noise_multiplier, first.plans["beta"].sample_rate
+
+    resumed, _ = _privacy_after(two_partner_data, tmp_path, 100, dp, steps_taken=0)
+    sigma_now = resumed.plans["beta"].noise_multiplier
+    assert sigma_now > sigma_then  # a longer job spreads the same budget thinner
+    ledger2 = Ledger(["alpha", "beta"], "t")
+    ledger2.load_dict(counters)
+    messages = resumed.restore(ledger2, saved, 20)
+    assert any("its 20 steps so far were accounted at noise multipliers" in m for m in messages)
+
+    direct = RDPAccountant()
+    direct.history = [(sigma_then, q, 20)]
+    assert ledger2["beta"].epsilon == pytest.approx(direct.get_epsilon(delta=1e-5))
+    budget = resumed.budget_steps["beta"]
+    assert 20 < budget < resumed.plans["beta"].budget_steps
+    for extra, within in ((budget - 20, True), (budget - 20 + 1, False)):
+        direct.history = [(sigma_then, q, 20), (sigma_now, q, extra)]
+        assert (direct.get_epsilon(delta=1e-5) <= 1.0) is within
+
+
+def test_resuming_under_dp_what_was_trained_without_it_is_refused(two_partner_data,
+                                                                  tmp_path) -> None:
+    from raysys.data.schema import DataError
+
+    plain, ledger = _privacy_after(two_partner_data, tmp_path, 40, {"noise_multiplier": 0.0,
+                                   "max_grad_norm": 1.0}, steps_taken=0)
+    ledger["beta"].steps_participated, ledger["beta"].epsilon = 12, None
+    now, _ = _privacy_after(two_partner_data, tmp_path, 40, {"noise_multiplier": 1.0,
+                            "max_grad_norm": 1.0}, steps_taken=0)
+    with pytest.raises(DataError, match="partner 'beta' privacy.dp: .* 12 steps .* without"):
+        now.restore(ledger, {}, 12)
+
+
+def test_an_older_checkpoint_without_histories_is_accounted_at_todays_noise(
+        two_partner_data, tmp_path) -> None:
+    dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    first, ledger = _privacy_after(two_partner_data, tmp_path, 40, dp, steps_taken=10)
+    resumed, _ = _privacy_after(two_partner_data, tmp_path, 40, dp, steps_taken=0)
+    messages = resumed.restore(ledger, None, 10)
+    assert any("no privacy accountant history" in m for m in messages)
+    assert resumed.accountants["beta"].steps == 10
+    assert ledger["beta"].epsilon == pytest.approx(first.accountants["beta"].epsilon())
+
+
+def _rdp(history: list[tuple[float, float, int]]) -> float:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = history
+    return acc.get_epsilon(delta=1e-5)
+
+
+def test_a_failed_step_counts_its_release_with_the_re_run(two_partner_data, tmp_path) -> None:
+    """A step that failed after beta's noisy gradient left, then ran again: the two releases of
+    the same batch are accounted as one at sigma / sqrt(2)."""
+    privacy, ledger = _privacy_after(two_partner_data, tmp_path, 40,
+                                     {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, 5)
+    q = privacy.plans["beta"].sample_rate
+    assert privacy.note_failed_steps({"alpha", "beta"}, range(5, 6), ledger) == []
+    for step in range(6, 9):
+        ledger.record_steps(1, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
+        privacy.record(ledger, step)
+    privacy.finish(ledger)
+    assert privacy.accountants["beta"].steps == 8 == ledger["beta"].steps_participated
+    expected = _rdp([(1.0, q, 5), (1.0 / math.sqrt(2), q, 1), (1.0, q, 2)])
+    assert ledger["beta"].epsilon == pytest.approx(expected)
+    assert ledger["beta"].epsilon > _rdp([(1.0, q, 8)])
+
+
+def test_a_release_never_re_run_is_accounted_alone(two_partner_data, tmp_path) -> None:
+    """beta's worker is gone after the failure (it skips the re-run): its release stays
+    pending while it takes no part, and the end of the job accounts it as one step at sigma."""
+    privacy, ledger = _privacy_after(two_partner_data, tmp_path, 40,
+                                     {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, 5)
+    q = privacy.plans["beta"].sample_rate
+    privacy.note_failed_steps({"beta"}, range(5, 6), ledger)
+    for step in range(6, 9):
+        ledger.record_steps(1, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 0}, {}, {})
+        privacy.record(ledger, step)
+    assert privacy.accountants["beta"].steps == 5
+    privacy.finish(ledger)
+    assert ledger["beta"].epsilon == pytest.approx(_rdp([(1.0, q, 6)]))
+
+
+def test_a_failed_step_shortens_the_budget_and_never_passes_it(two_partner_data,
+                                                               tmp_path) -> None:
+    """Under target_epsilon, releases of failed steps re-plan the budget: the partner stops
+    sooner, and its epsilon never passes the target."""
+    dp = {"noise_multiplier": 3.0, "target_epsilon": 1.0, "max_grad_norm": 1.0}
+    privacy, ledger = _privacy_after(two_partner_data, tmp_path, 200, dp, 0)
+    planned = privacy.budget_steps["beta"]
+    assert planned == 27
+    step, failed = 0, set()
+    while "beta" not in privacy.silenced:
+        if step in {3, 10, 17} - failed:  # a failure, then the step runs again
+            failed.add(step)
+            privacy.note_failed_steps({"beta"}, range(step, step + 1), ledger)
+            continue
+        step += 1
+        ledger.record_steps(1, privacy.batches({"alpha": 19, "beta": 11}),
+                            {"alpha": 1, "beta": 1}, {}, {})
+        privacy.record(ledger, step)
+    privacy.finish(ledger)
+    assert len(failed) == 3
+    assert ledger["beta"].steps_participated < planned
+    assert ledger["beta"].epsilon <= 1.0
+
+
+def test_a_failure_at_the_end_of_a_budget_stops_the_partner_before_the_re_run(
+        two_partner_data, tmp_path) -> None:
+    """26 of beta's 27 budget steps taken, then step 27 fails after its release: re-running it
+    (sigma / sqrt(2) in all) would pass the target, so beta stops now and the release alone is
+    accounted (sigma: epsilon as after 27 ordinary steps)."""
+    dp = {"noise_multiplier": 3.0, "target_epsilon": 1.0, "max_grad_norm": 1.0}
+    privacy, ledger = _privacy_after(two_partner_data, tmp_path, 200, dp, 26)
+    q = privacy.plans["beta"].sample_rate
+    messages = privacy.note_failed_steps({"beta"}, range(26, 27), ledger)
+    assert len(messages) == 1 and "re-running it would pass its privacy budget" in messages[0]
+    assert "beta" in privacy.silenced and privacy.batches({"beta": 11}) == {"beta": 0}
+    assert ledger["beta"].epsilon == pytest.approx(_rdp([(3.0, q, 27)]))
+    assert ledger["beta"].epsilon <= 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import ray
 from conftest import make_spec
 from opacus.accountants import RDPAccountant
@@ -95,3 +96,24 @@ def test_secure_aggregation_trains_like_plain_and_survives_a_lost_worker(
     # fixed point rounds each worker's local sums at 2^-24: equal within quantization error
     assert max_relative_difference(final, reference_for(spec)) <= 1e-4
     assert any("alpha/1 died" in e for e in summary_events), summary_events
+
+
+def test_a_failed_step_without_secure_aggregation_is_accounted_twice_over(
+        run, two_partner_data, tmp_path):
+    """alpha/1 is killed at step 6: the survivors' step 6 fails after their noisy sums went on
+    the ring in clear, and runs again with fresh noise on the same rows. beta's accountant
+    counts that step at sigma / sqrt(2) (two releases of one batch)."""
+    spec = make_spec(two_partner_data, tmp_path, steps=12, alpha_workers=2)
+    spec["partners"][0]["workers"]["min"] = 1
+    spec["partners"][1]["privacy"] = {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0,
+                                             "delta": 1e-5}}
+    spec["runtime"]["steps_per_call"] = 3
+    spec["chaos"] = [{"at_step": 6, "worker": "alpha/1", "kill": True}]
+    controller, done = run(spec)
+    summary = ray.get(done)
+    beta = summary["partners"]["beta"]
+    assert beta["steps_participated"] == 12 and beta["failures"] == 0
+    q = beta["samples"] / 12 / 90  # beta's batch over its 90 rows
+    direct = RDPAccountant()
+    direct.history = [(1.0, q, 11), (1.0 / math.sqrt(2), q, 1)]
+    assert beta["epsilon"] == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)

@@ -32,6 +32,19 @@ def test_checkpoint_store_keeps_latest_and_no_partial_files(tmp_path):
     assert latest.step == 30 and float(latest.state["x"][0]) == 30.0
 
 
+def test_checkpoint_keeps_the_privacy_histories(tmp_path):
+    """The DP accountants' histories travel with the checkpoint; a file written before they did
+    loads with none (the controller then says how it accounts the steps)."""
+    store = CheckpointStore(str(tmp_path), "job")
+    history = {"beta": {"kind": "rdp", "noise_multiplier": 1.1, "sample_rate": 0.1,
+                        "delta": 1e-5, "history": [[1.1, 0.1, 7]]}}
+    store.save(Checkpoint(7, {}, {}, {}, privacy=history))
+    assert store.latest().privacy == history
+    old = tmp_path / "job" / "step-000000009.pt"
+    torch.save({"step": 9, "state": {}, "sampler": {}, "counters": {}}, old)
+    assert store.latest().step == 9 and store.latest().privacy is None
+
+
 def test_checkpoint_store_accepts_a_filesystem_uri(tmp_path):
     store = CheckpointStore(f"file://{tmp_path}", "job")
     store.save(Checkpoint(5, {"x": torch.zeros(1)}, {}, {}))

@@ -275,7 +275,8 @@ class JobController:
             ray.get([m.actor.import_state.remote(state_ref)
                      for m in self.group.active() + self.group.with_state(MemberState.SPARE)])
             self.ledger.load_dict(ckpt.counters)
-            self.privacy.restore(self.ledger)
+            for message in self.privacy.restore(self.ledger, ckpt.privacy, ckpt.step):
+                self._log(message)
             self.resumed_from = ckpt.step
             self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
         self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
@@ -333,11 +334,14 @@ class JobController:
             self._apply_changes()
             self._sync_capacity()
             n = self._chunk_size()
-            t_chunk = time.time()
+            t_chunk, first = time.time(), self.step
+            took_part = {m.partner for m in self.group.active()}
             reports, lost = self._run_chunk(n)
             done = self._account(reports, n, t_chunk)
             if lost or done < n:
                 self._recover(lost)
+            if done < n:
+                self._note_released(took_part, first + n)
             self._maybe_checkpoint()
             self._maybe_evaluate()
 
@@ -516,6 +520,22 @@ class JobController:
                 self._log(f"partner {p.name} has no live worker: its samples are skipped")
         self._set_state(JobState.RUNNING)
 
+    def _note_released(self, took_part: set[str], chunk_end: int) -> None:
+        """A chunk failed before `chunk_end`: the steps from here that are to be re-run may
+        have released the noisy gradients of DP partners that took part (PartnerPrivacy.
+        note_failed_steps). Every step all-reduces the failing one; under local SGD the round
+        is re-run, its fusion being what crossed partners. With secure aggregation a failed
+        all-reduce only ever carried masked values, which are never unmasked: nothing left."""
+        if self.spec.secure_aggregation or not self.privacy.enabled:
+            return
+        end = chunk_end if self.group.replica_cfg.fusion is not None else self.step + 1
+        for message in self.privacy.note_failed_steps(took_part, range(self.step, end),
+                                                      self.ledger):
+            self._log(message)
+        if self.privacy.stop_job and not self._stop.is_set():
+            self.stop_reason = "a partner's privacy budget is spent"
+            self._stop.set()
+
     def _count_deaths(self) -> None:
         """Put every member that died into the ledger once, however its death was found: a
         failed call (_recover) or a re-formation after a decision, which finds a worker on a
@@ -603,6 +623,7 @@ class JobController:
             sampler={"seed": self.spec.seed, "sizes": self.sizes,
                      "batch_sizes": self.batch_sizes},
             counters=self.ledger.to_dict(),
+            privacy=self.privacy.state_dict(),
         ))
         self._log(f"checkpoint {path}")
         self.record.add("checkpoint", self.step, path=str(path))
@@ -629,10 +650,10 @@ class JobController:
                                               self.spec.evaluation.model_dump()))
 
     def _finish(self) -> dict:
+        self.privacy.finish(self.ledger)  # before the final checkpoint, which then holds it
         self.final_state = ray.get(self.group.active()[0].actor.export_state.remote())
         self._maybe_checkpoint(self.final_state)
         held_out = self._evaluate(self.final_state) if self.spec.evaluation else None
-        self.privacy.update_epsilon(self.ledger, force=True)
         summary = {
             "job": self.spec.name, "state": "finished", "steps": self.step,
             "stop_reason": self.stop_reason,

@@ -8,12 +8,26 @@ they add, steps each partner's Opacus accountant once per step the partner contr
 epsilon into the ledger, and stops a partner (or the job, per spec) once its target_epsilon
 would be exceeded. Steps are accounted only after they completed everywhere, and a chunk of steps
 is never longer than what is left of any budget, so no step is taken past a budget.
+
+Checkpoints carry every accountant's history (state_dict), so a resumed job accounts the steps
+already taken at the settings they were taken with, even when the resumed spec resolves to
+another noise multiplier (a changed noise_multiplier, target_epsilon, job length or data size);
+a budget then lasts as many further steps as the true history leaves room for.
+
+A failed step can release a partner's noisy gradient without completing: without secure
+aggregation a worker's own noisy sum goes onto the ring in clear (with it, only masked values
+that are never unmasked). The step is then re-run on the same rows with fresh noise, so the same
+batch is released twice. Two releases x + N(0, s^2) and x + N'(0, s^2) are, up to independent
+noise, one release x + N(0, s^2 / 2): the step is accounted once at noise multiplier
+sigma / sqrt(k + 1) after k failed attempts (or sigma / sqrt(k) if the partner never re-runs it),
+and the budget is re-planned on that history (note_failed_steps).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Mapping
 
 from raysys.control.ledger import Ledger
 from raysys.data.schema import DataError
@@ -33,6 +47,12 @@ class PartnerPrivacy:
         self._on_spent = {}
         self._epsilon_at = -math.inf  # when epsilon was last written into the ledger
         self._epsilon_steps: dict[str, int] = {}  # the accountant steps it was computed for
+        # The step count after which a partner stops (target_epsilon): the plan's, or on resume
+        # what the checkpoint's history leaves.
+        self.budget_steps: dict[str, int | None] = {}
+        self._accounted: dict[str, int] = {}  # participations the accountant has taken
+        # Per partner: step -> failed attempts that released its batch, until accounted.
+        self._released: dict[str, dict[int, int]] = {}
         for p in spec.partners:
             dp = p.privacy.dp
             if dp is None:
@@ -44,6 +64,9 @@ class PartnerPrivacy:
                 raise DataError(f"partner '{p.name}' privacy.dp: {exc}") from None
             self.plans[p.name] = plan
             self.accountants[p.name] = plan.new_accountant()
+            self.budget_steps[p.name] = plan.budget_steps
+            self._accounted[p.name] = 0
+            self._released[p.name] = {}
             self._on_spent[p.name] = dp.on_budget_spent
 
     @property
@@ -73,10 +96,61 @@ class PartnerPrivacy:
 
     def steps_left(self, ledger: Ledger) -> int | None:
         """Steps until the first budget runs out (None: no budget binds)."""
-        left = [plan.budget_steps - ledger[name].steps_participated
-                for name, plan in self.plans.items()
-                if plan.budget_steps is not None and name not in self.silenced]
+        left = [budget - ledger[name].steps_participated
+                for name, budget in self.budget_steps.items()
+                if budget is not None and name not in self.silenced]
         return max(0, min(left)) if left else None
+
+    def note_failed_steps(self, partners: set[str], steps: range, ledger: Ledger) -> list[str]:
+        """A chunk failed in `steps` (those to be re-run) after `partners` (their workers)
+        took part: each DP partner among them may have released its batch of each such step,
+        which its accountant must count (module docstring). Re-plans budgets on that; a partner
+        whose re-runs would pass its target_epsilon stops contributing now. Returns messages
+        for the job log."""
+        messages = []
+        for name in partners & self.plans.keys() - self.silenced:
+            released = self._released[name]
+            for s in steps:
+                released[s] = released.get(s, 0) + 1
+            plan, acc = self.plans[name], self.accountants[name]
+            if plan.target_epsilon is None:
+                continue
+            rerun = acc.with_steps(self._rerun_noise(name, released.values()))
+            if rerun.epsilon() > plan.target_epsilon:
+                self._account_released(name, rerun_done=0)
+                self.silenced.add(name)
+                ledger[name].budget_spent_at_step = steps.start
+                messages.append(
+                    f"partner {name}: a failed step released its noisy gradient before "
+                    f"completing; re-running it would pass its privacy budget (epsilon "
+                    f"{rerun.epsilon():.3f} of {plan.target_epsilon:g}), so {name} stops "
+                    "contributing (the release so far is accounted)")
+                self.stop_job |= self._on_spent[name] == "stop_job"
+            else:
+                self.budget_steps[name] = (self._accounted[name] + len(released)
+                                           + rerun.steps_left(plan.target_epsilon))
+        self.update_epsilon(ledger, force=True)
+        return messages
+
+    def _rerun_noise(self, name: str, attempts: Iterable[int]) -> list[float]:
+        """The noise multiplier a re-run step is accounted at, per step failed `attempts`
+        times: its k + 1 releases together are one at sigma / sqrt(k + 1)."""
+        sigma = self.plans[name].noise_multiplier
+        return [sigma / math.sqrt(k + 1) for k in attempts]
+
+    def _account_released(self, name: str, rerun_done: int) -> int:
+        """Account the earliest `rerun_done` released steps as re-run (sigma / sqrt(k + 1)) and
+        the rest as never re-run (sigma / sqrt(k)). Returns how many were re-run."""
+        released = self._released[name]
+        order = sorted(released)
+        rerun = order[:rerun_done]
+        acc, sigma = self.accountants[name], self.plans[name].noise_multiplier
+        for nm in self._rerun_noise(name, [released[s] for s in rerun]):
+            acc.step(noise_multiplier=nm)
+        for s in order[rerun_done:]:
+            acc.step(noise_multiplier=sigma / math.sqrt(released[s]))
+        released.clear()
+        return len(rerun)
 
     def record(self, ledger: Ledger, step: int) -> list[str]:
         """After the ledger counted a chunk: account the partners that took part, silence those
@@ -85,11 +159,24 @@ class PartnerPrivacy:
         for name, plan in self.plans.items():
             entry = ledger[name]
             acc = self.accountants[name]
-            if entry.steps_participated > acc.steps:
-                acc.step(entry.steps_participated - acc.steps)
-            spent = plan.budget_steps is not None and entry.steps_participated >= plan.budget_steps
+            new = entry.steps_participated - self._accounted[name]
+            released = self._released[name]
+            done = [s for s in released if s < step]  # re-runs now behind the job
+            if new > 0 and done:
+                # A released step the partner took part in again is accounted with its
+                # releases; one it had no worker for stays pending until it is re-run.
+                rerun = sorted(done)[:new]
+                for nm in self._rerun_noise(name, [released.pop(s) for s in rerun]):
+                    acc.step(noise_multiplier=nm)
+                new -= len(rerun)
+            if new > 0:
+                acc.step(new)
+            self._accounted[name] = entry.steps_participated
+            budget = self.budget_steps[name]
+            spent = budget is not None and entry.steps_participated >= budget
             if spent and name not in self.silenced:
                 self.silenced.add(name)
+                self._account_released(name, rerun_done=0)
                 entry.budget_spent_at_step = step
                 self.update_epsilon(ledger, force=True)
                 if step >= self._job_steps:  # a target_epsilon plan ends with the job
@@ -105,6 +192,13 @@ class PartnerPrivacy:
         self.update_epsilon(ledger)
         return messages
 
+    def finish(self, ledger: Ledger) -> None:
+        """At the end of the job: releases of steps never re-run are accounted alone."""
+        for name in self.plans:
+            if self._released[name]:
+                self._account_released(name, rerun_done=0)
+        self.update_epsilon(ledger, force=True)
+
     def update_epsilon(self, ledger: Ledger, force: bool = False) -> None:
         """Write each DP partner's epsilon into the ledger. Opacus' RDP epsilon takes ~0.1 s,
         as long as a chunk of steps, so between checkpoints and the end (force) it is refreshed
@@ -118,11 +212,49 @@ class PartnerPrivacy:
                 self._epsilon_steps[name] = acc.steps
                 ledger[name].epsilon = acc.epsilon() if acc.steps else 0.0
 
-    def restore(self, ledger: Ledger) -> None:
-        """On resume: the accountants continue from the checkpoint's ledger."""
-        for name in self.plans:
-            entry = ledger[name]
+    def state_dict(self) -> dict[str, dict]:
+        """Every DP partner's accountant history and not yet accounted releases (failed steps
+        still to be re-run), for the checkpoint."""
+        return {name: {**acc.state_dict(), "released": dict(self._released[name])}
+                for name, acc in self.accountants.items()}
+
+    def restore(self, ledger: Ledger, saved: Mapping[str, Mapping] | None, step: int
+                ) -> list[str]:
+        """On resume from the checkpoint of `step`: continue each accountant from the
+        checkpoint's history (`saved`, from state_dict(); None for a checkpoint written before
+        histories were kept, whose steps are then accounted at today's settings). Returns
+        messages for the job log. Raises DataError for a partner under DP now whose
+        checkpointed steps were trained without it: no guarantee can cover those."""
+        messages = []
+        for name, plan in self.plans.items():
+            entry, acc = ledger[name], self.accountants[name]
+            if entry.steps_participated and entry.epsilon is None:
+                raise DataError(
+                    f"partner '{name}' privacy.dp: the checkpoint at step {step} holds "
+                    f"{entry.steps_participated} steps this partner trained without differential "
+                    "privacy, and no guarantee can cover them; start a new job (another "
+                    "checkpoint.storage_path or job name) to train it under DP")
             if entry.budget_spent_at_step is not None:
                 self.silenced.add(name)
-        self.record(ledger, step=-1)
+            if saved is None:
+                messages.append(f"partner {name}: the checkpoint has no privacy accountant "
+                                "history (an older version); its steps are accounted at this "
+                                f"spec's noise multiplier {plan.noise_multiplier:.3f}")
+                continue  # record() below replays them
+            state = saved.get(name, {"history": [], "released": {}})
+            acc.continue_history(state)
+            self._accounted[name] = entry.steps_participated
+            self._released[name] = {int(s): int(k) for s, k in state["released"].items()}
+            taken = {round(nm, 6) for nm, _, _ in state["history"]}
+            if taken - {round(plan.noise_multiplier, 6)}:
+                messages.append(
+                    f"partner {name}: resumed at noise multiplier {plan.noise_multiplier:.3f}; "
+                    f"its {acc.steps} steps so far were accounted at noise multipliers "
+                    f"{', '.join(f'{nm:.3f}' for nm in sorted(taken))}, as they were taken")
+            if plan.target_epsilon is not None and name not in self.silenced:
+                rerun = acc.with_steps(self._rerun_noise(name, self._released[name].values()))
+                self.budget_steps[name] = (self._accounted[name] + len(self._released[name])
+                                           + rerun.steps_left(plan.target_epsilon))
+        messages += self.record(ledger, step)
         self.update_epsilon(ledger, force=True)
+        return messages

@@ -527,11 +527,19 @@ def steps_within_budget(target_epsilon: float, noise_multiplier: float, sample_r
     """The most steps T with epsilon(T) <= target_epsilon (0 if even one step exceeds it):
     the controller stops the partner after step T. Capped at max_steps. Some 2*log2(T)
     accountant evaluations (tens of ms each), cached per argument set."""
+    return _most_steps_within(
+        lambda t: _epsilon(kind, noise_multiplier, sample_rate, t, delta) <= target_epsilon,
+        max_steps)
+
+
+def _most_steps_within(within_budget: Callable[[int], bool], max_steps: int) -> int:
+    """The largest T <= max_steps with within_budget(T) (0 if not even T = 1), for a
+    within_budget that holds up to some T and fails beyond (epsilon grows with the steps)."""
     def within(t: int) -> bool:
         with warnings.catch_warnings():
             # probes at small T hit Opacus' "optimal order is the largest alpha" note
             warnings.simplefilter("ignore", UserWarning)
-            return _epsilon(kind, noise_multiplier, sample_rate, t, delta) <= target_epsilon
+            return within_budget(t)
 
     if not within(1):
         return 0
@@ -577,9 +585,21 @@ class PartnerAccountant:
     def steps(self) -> int:
         return sum(int(s) for _, _, s in self._acc.history)
 
-    def step(self, n: int = 1) -> None:
+    def step(self, n: int = 1, noise_multiplier: float | None = None) -> None:
+        """Account n steps at this accountant's noise multiplier, or at `noise_multiplier` (a
+        step whose batch was released more than once: see PartnerPrivacy.note_failed_steps)."""
+        nm = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         for _ in range(n):
-            self._acc.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            self._acc.step(noise_multiplier=nm, sample_rate=self.sample_rate)
+
+    def with_steps(self, noise_multipliers: Iterable[float]) -> PartnerAccountant:
+        """A copy that has also taken one step at each of `noise_multipliers` (for probing a
+        budget; this accountant is unchanged)."""
+        probe = PartnerAccountant(self.noise_multiplier, self.sample_rate, self.delta, self.kind)
+        probe.continue_history(self.state_dict())
+        for nm in noise_multipliers:
+            probe.step(noise_multiplier=nm)
+        return probe
 
     def epsilon(self, delta: float | None = None) -> float:
         if not self._acc.history:
@@ -588,11 +608,29 @@ class PartnerAccountant:
             return math.inf
         return float(self._acc.get_epsilon(delta=self.delta if delta is None else delta))
 
-    def steps_left(self, target_epsilon: float) -> int:
-        """Further steps before epsilon would exceed target_epsilon (0 when spent)."""
-        total = steps_within_budget(target_epsilon, self.noise_multiplier, self.sample_rate,
-                                    self.delta, self.kind)
-        return max(0, total - self.steps)
+    def steps_left(self, target_epsilon: float, max_steps: int = 10**8) -> int:
+        """Further steps at this accountant's noise multiplier and sampling rate before epsilon
+        would exceed target_epsilon (0 when spent), whatever steps its history already holds
+        (a resumed job's may have been taken at other settings)."""
+        now = (self.noise_multiplier, self.sample_rate)
+        if all((nm, q) == now for nm, q, _ in self._acc.history):  # the usual case: cached
+            total = steps_within_budget(target_epsilon, self.noise_multiplier,
+                                        self.sample_rate, self.delta, self.kind, max_steps)
+            return max(0, total - self.steps)
+        if self.noise_multiplier <= 0:
+            return 0
+
+        def within(t: int) -> bool:
+            probe = _accountant(self.kind)
+            probe.history = [*self._acc.history, (self.noise_multiplier, self.sample_rate, t)]
+            return float(probe.get_epsilon(delta=self.delta)) <= target_epsilon
+
+        return _most_steps_within(within, max_steps)
+
+    def continue_history(self, state: Mapping) -> None:
+        """Take over the steps a checkpointed accountant (state_dict()) saw, as they were
+        taken, keeping this accountant's settings for the steps to come."""
+        self._acc.history = [(float(nm), float(q), int(s)) for nm, q, s in state["history"]]
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "noise_multiplier": self.noise_multiplier,

@@ -26,6 +26,9 @@ class Checkpoint:
     sampler: dict  # seed, partner sizes, partner batch sizes
     counters: dict  # per partner: samples, skipped steps
     path: str = ""
+    # Per DP partner its accountant's history (PartnerPrivacy.state_dict); None in checkpoints
+    # written before it was kept.
+    privacy: dict | None = None
 
 
 def _filesystem(storage_path: str) -> tuple[pafs.FileSystem, str]:
@@ -44,7 +47,7 @@ class CheckpointStore:
         self.fs.create_dir(self.dir, recursive=True)
         buf = io.BytesIO()
         torch.save({"step": ckpt.step, "state": ckpt.state, "sampler": ckpt.sampler,
-                    "counters": ckpt.counters}, buf)
+                    "counters": ckpt.counters, "privacy": ckpt.privacy}, buf)
         final = f"{self.dir}/step-{ckpt.step:09d}.pt"
         tmp = f"{final}.tmp"
         with self.fs.open_output_stream(tmp) as out:
@@ -76,4 +79,5 @@ class CheckpointStore:
         path = f"{self.dir}/step-{steps[-1]:09d}.pt"
         with self.fs.open_input_stream(path) as f:
             data = torch.load(io.BytesIO(f.read()), weights_only=False)
-        return Checkpoint(data["step"], data["state"], data["sampler"], data["counters"], path)
+        return Checkpoint(data["step"], data["state"], data["sampler"], data["counters"], path,
+                          data.get("privacy"))
