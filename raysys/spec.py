@@ -126,6 +126,10 @@ class PartnerSpec(_Strict):
     workers: WorkerBounds = Field(default_factory=WorkerBounds)
     cpus_per_worker: float = Field(0.5, gt=0)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    # With no live worker (its nodes lost or full, a replacement waiting for room): "skip" its
+    # samples while the others train on, or "wait": the whole job holds until one of its
+    # workers runs again, so every step has this partner's data. Never placed elsewhere.
+    on_no_room: Literal["skip", "wait"] = "skip"
 
     @field_validator("name")
     @classmethod
@@ -136,6 +140,13 @@ class PartnerSpec(_Strict):
                 "at most 32 characters)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _waits_for_someone(self) -> PartnerSpec:
+        if self.on_no_room == "wait" and self.workers.min < 1:
+            raise ValueError(f"partner '{self.name}': on_no_room: wait needs workers.min >= 1 "
+                             "(with no worker to replace, the job would wait forever)")
+        return self
 
 
 class EvaluationSpec(_Strict):

@@ -1,14 +1,17 @@
 """Residency: a partner's workers run only on nodes matching its placement, including after a
-replace and after their node is removed from the cluster."""
+replace, a scale-up and after their node is removed from the cluster; a partner without room
+is skipped or holds the job (on_no_room), and is never placed elsewhere."""
 
 from __future__ import annotations
+
+import time
 
 import ray
 from conftest import make_spec
 from test_elastic import wait_for
 
 from raysys.control.controller import RemoteJobController
-from raysys.control.decisions import Replace
+from raysys.control.decisions import Replace, Scale
 
 
 def test_workers_stay_on_matching_nodes_through_replace_and_node_loss(
@@ -38,6 +41,10 @@ def test_workers_stay_on_matching_nodes_through_replace_and_node_loss(
             "alpha/2" in e and "took" in e for e in p["events"]), timeout_s=90)
         step = ray.get(controller.progress.remote())["step"]
         wait_for(controller, lambda p: p["step"] >= step + 3)
+        # Scale-ups place newcomers on matching nodes too (the unlabelled head has room).
+        ray.get(controller.submit.remote(Scale("alpha", 1)))
+        ray.get(controller.submit.remote(Scale("beta", 1)))
+        wait_for(controller, lambda p: p["workers"] == {"alpha": 2, "beta": 2}, timeout_s=90)
         workers = ray.get(controller.workers.remote())
         events = ray.get(controller.progress.remote())["events"]
         ray.get(controller.stop.remote())
@@ -49,6 +56,7 @@ def test_workers_stay_on_matching_nodes_through_replace_and_node_loss(
     for w in workers:
         assert labels[w["node_id"]].get("partner") == w["partner"], w
     assert {w["id"] for w in workers if w["state"] == "active"} >= {"alpha/2", "beta/0"}
+    assert sum(w["state"] == "active" for w in workers) == 4
 
 
 def test_a_partner_without_room_waits_skipped_and_is_never_placed_elsewhere(
@@ -93,3 +101,46 @@ def test_a_partner_without_room_waits_skipped_and_is_never_placed_elsewhere(
     assert any(w["node_id"] == second.node_id and w["state"] == "active" for w in gamma)
     assert summary["partners"]["gamma"]["skipped_steps"] >= 20
     assert summary["partners"]["gamma"]["failures"] == 1
+
+
+def test_a_partner_that_waits_holds_the_job_until_it_has_room(
+        ray_cluster, two_partner_data, tmp_path):
+    """gamma (on_no_room: wait) loses its only node: no step runs without it, none is skipped;
+    its replacement waits for a gamma node, and the job resumes once one joins."""
+    first = ray_cluster.add_node(num_cpus=2, labels={"partner": "gamma"})
+    ray_cluster.wait_for_nodes()
+    spec = make_spec(two_partner_data, tmp_path, steps=100_000)
+    spec["partners"].append({
+        "name": "gamma", "data": {"path": two_partner_data["test"]},
+        "placement": {"partner": "gamma"}, "cpus_per_worker": 0.25, "on_no_room": "wait",
+        "workers": {"initial": 1, "min": 1, "max": 2}})
+    controller = RemoteJobController.remote(spec)
+    done = controller.run.remote()
+    second, first_gone = None, False
+    try:
+        wait_for(controller, lambda p: p["step"] >= 3)
+        ray_cluster.remove_node(first)
+        first_gone = True
+        wait_for(controller, lambda p: any("the job waits" in e for e in p["events"]),
+                 timeout_s=60)
+        held = ray.get(controller.progress.remote())["step"]
+        time.sleep(3)
+        still = ray.get(controller.progress.remote())["step"]
+        second = ray_cluster.add_node(num_cpus=2, labels={"partner": "gamma"})
+        wait_for(controller, lambda p: p["step"] >= held + 5, timeout_s=90)
+        workers = ray.get(controller.workers.remote())
+        events = ray.get(controller.progress.remote())["events"]
+        ray.get(controller.stop.remote())
+        summary = ray.get(done)
+    finally:
+        ray.kill(controller)
+        if not first_gone:
+            ray_cluster.remove_node(first)
+        if second is not None:
+            ray_cluster.remove_node(second)
+    assert still == held  # nothing ran while gamma had no worker
+    assert any("the job resumes after waiting" in e for e in events), events
+    assert summary["partners"]["gamma"]["skipped_steps"] == 0
+    assert summary["partners"]["gamma"]["steps_participated"] == summary["steps"]
+    gamma = [w for w in workers if w["partner"] == "gamma" and w["node_id"]]
+    assert {w["node_id"] for w in gamma} <= {first.node_id, second.node_id}

@@ -75,6 +75,7 @@ class JobController:
         self.rescales: list[RescaleEvent] = []
         self._deaths_counted: set[str] = set()  # members whose death the ledger holds
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
+        self._waiting_since: float | None = None  # holding for an `on_no_room: wait` partner
         self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
         self.losses: deque[float] = deque(maxlen=20)
         # A partner under differential privacy keeps its training loss to itself (see
@@ -333,6 +334,8 @@ class JobController:
             self._inject_chaos()
             self._apply_changes()
             self._sync_capacity()
+            if self._holding_for_partners():
+                continue
             n = self._chunk_size()
             t_chunk, first = time.time(), self.step
             took_part = {m.partner for m in self.group.active()}
@@ -344,6 +347,32 @@ class JobController:
                 self._note_released(took_part, first + n)
             self._maybe_checkpoint()
             self._maybe_evaluate()
+
+    def _holding_for_partners(self) -> bool:
+        """Whether a partner with `on_no_room: wait` has no live worker, so no step may run
+        (every step must hold its data). Waits up to a second for a starting worker first;
+        _apply_changes then lets it join, and training resumes."""
+        missing = [p.name for p in self.spec.partners
+                   if p.on_no_room == "wait" and not self.group.active(p.name)]
+        if not missing:
+            if self._waiting_since is not None:
+                self._log(f"the job resumes after waiting {time.time() - self._waiting_since:.1f}"
+                          " s for a partner's worker")
+                self._waiting_since = None
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = time.time()
+            self._log(f"the job waits at step {self.step}: partner {', '.join(missing)} has no "
+                      "live worker (on_no_room: wait); its replacement waits for room on a node "
+                      "of its placement")
+            self.record.add("wait", self.step, partners=missing)
+        starting = [m.ready_ref for m in self.group.with_state(MemberState.STARTING)
+                    if m.ready_ref is not None]
+        if starting:
+            ray.wait(starting, num_returns=1, timeout=1.0)
+        else:
+            self._stop.wait(1.0)
+        return True
 
     def _inject_chaos(self) -> None:
         """Faults the spec schedules (testing and demo aid), once their step is reached."""
@@ -516,7 +545,7 @@ class JobController:
             for _ in range(max(0, missing)):
                 m = self.group.start(p, MemberState.ACTIVE)
                 self._log(f"starting {m.id} to keep {p.name} at its minimum of {p.workers.min}")
-            if not self.group.active(p.name):
+            if not self.group.active(p.name) and p.on_no_room == "skip":
                 self._log(f"partner {p.name} has no live worker: its samples are skipped")
         self._set_state(JobState.RUNNING)
 
