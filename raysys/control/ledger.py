@@ -70,6 +70,7 @@ class Ledger:
             metrics.PARTNER_COMPUTE_SECONDS.set(e.compute_s, tags=tags)
             metrics.PARTNER_BYTES.set(e.bytes_exchanged, tags=tags)
             metrics.PARTNER_LOCAL_BYTES.set(e.bytes_within_partner, tags=tags)
+            metrics.PARTNER_STEPS.set(e.steps_participated, tags=tags)
             metrics.PARTNER_SKIPPED_STEPS.set(e.skipped_steps, tags=tags)
             if e.epsilon is not None:
                 metrics.PARTNER_EPSILON.set(e.epsilon, tags=tags)

@@ -108,6 +108,11 @@ class _Metrics:
                                    "(local SGD steps).")
 
     @cached_property
+    def PARTNER_STEPS(self):
+        return self._partner_gauge("raysys_partner_steps",
+                                   "Steps a partner contributed to.")
+
+    @cached_property
     def PARTNER_SKIPPED_STEPS(self):
         return self._partner_gauge("raysys_partner_skipped_steps",
                                    "Steps a partner did not contribute to.")
