@@ -440,7 +440,7 @@ def test_a_spent_budget_says_what_happens_next(two_partner_data, tmp_path, job_s
     messages = []
     for step in range(1, budget_steps + 1):
         ledger.record_steps(1, privacy.batches(batches), {"alpha": 1, "beta": 1}, {}, {})
-        messages += privacy.record(ledger, step)
+        messages += privacy.record(ledger, step, step - 1)
     assert len(messages) == 1 and messages[0].endswith(f"at step {budget_steps}: {said}")
     assert privacy.silenced == {"beta"} and not privacy.stop_job
 
@@ -461,7 +461,7 @@ def _privacy_after(two_partner_data, tmp_path, job_steps: int, dp: dict, steps_t
     for step in range(1, steps_taken + 1):
         ledger.record_steps(1, privacy.batches({"alpha": 19, "beta": 11}),
                             {"alpha": 1, "beta": 1}, {}, {})
-        privacy.record(ledger, step)
+        privacy.record(ledger, step, step - 1)
     privacy.update_epsilon(ledger, force=True)
     return privacy, ledger
 
@@ -540,7 +540,7 @@ def test_a_failed_step_counts_its_release_with_the_re_run(two_partner_data, tmp_
     assert privacy.note_failed_steps({"alpha", "beta"}, range(5, 6), ledger) == []
     for step in range(6, 9):
         ledger.record_steps(1, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
-        privacy.record(ledger, step)
+        privacy.record(ledger, step, step - 1)
     privacy.finish(ledger)
     assert privacy.accountants["beta"].steps == 8 == ledger["beta"].steps_participated
     expected = _rdp([(1.0, q, 5), (1.0 / math.sqrt(2), q, 1), (1.0, q, 2)])
@@ -549,18 +549,19 @@ def test_a_failed_step_counts_its_release_with_the_re_run(two_partner_data, tmp_
 
 
 def test_a_release_never_re_run_is_accounted_alone(two_partner_data, tmp_path) -> None:
-    """beta's worker is gone after the failure (it skips the re-run): its release stays
-    pending while it takes no part, and the end of the job accounts it as one step at sigma."""
+    """beta's worker is gone after the failure, so the job re-runs step 5 without it: its
+    release is then accounted alone, at sigma, not merged with a later, different batch."""
     privacy, ledger = _privacy_after(two_partner_data, tmp_path, 40,
                                      {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, 5)
     q = privacy.plans["beta"].sample_rate
     privacy.note_failed_steps({"beta"}, range(5, 6), ledger)
-    for step in range(6, 9):
-        ledger.record_steps(1, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 0}, {}, {})
-        privacy.record(ledger, step)
-    assert privacy.accountants["beta"].steps == 5
+    ledger.record_steps(3, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 0}, {}, {})
+    privacy.record(ledger, 8, 5)  # steps 5-7 without beta
+    ledger.record_steps(2, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
+    privacy.record(ledger, 10, 8)  # beta back for steps 8-9
     privacy.finish(ledger)
-    assert ledger["beta"].epsilon == pytest.approx(_rdp([(1.0, q, 6)]))
+    assert privacy.accountants["beta"].steps == 8 and ledger["beta"].steps_participated == 7
+    assert ledger["beta"].epsilon == pytest.approx(_rdp([(1.0, q, 8)]))
 
 
 def test_a_failed_step_shortens_the_budget_and_never_passes_it(two_partner_data,
@@ -580,7 +581,7 @@ def test_a_failed_step_shortens_the_budget_and_never_passes_it(two_partner_data,
         step += 1
         ledger.record_steps(1, privacy.batches({"alpha": 19, "beta": 11}),
                             {"alpha": 1, "beta": 1}, {}, {})
-        privacy.record(ledger, step)
+        privacy.record(ledger, step, step - 1)
     privacy.finish(ledger)
     assert len(failed) == 3
     assert ledger["beta"].steps_participated < planned
@@ -600,3 +601,26 @@ def test_a_failure_at_the_end_of_a_budget_stops_the_partner_before_the_re_run(
     assert "beta" in privacy.silenced and privacy.batches({"beta": 11}) == {"beta": 0}
     assert ledger["beta"].epsilon == pytest.approx(_rdp([(3.0, q, 27)]))
     assert ledger["beta"].epsilon <= 1.0
+
+
+def test_a_resume_behind_the_released_mark_accounts_the_steps_run_again(
+        two_partner_data, tmp_path) -> None:
+    """The stopped run marked steps up to 13 as possibly released; the checkpoint is at 10:
+    steps 10-12 run a second time on the same rows, each accounted at sigma / sqrt(2)."""
+    from raysys.control.ledger import Ledger
+
+    dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    first, ledger = _privacy_after(two_partner_data, tmp_path, 40, dp, 10)
+    saved, counters = first.state_dict(), ledger.to_dict()
+    resumed, _ = _privacy_after(two_partner_data, tmp_path, 40, dp, 0)
+    ledger = Ledger(["alpha", "beta"], "t")
+    ledger.load_dict(counters)
+    messages = resumed.restore(ledger, saved, 10, released_through=13)
+    assert any("steps 10-12 may have been released" in m for m in messages)
+    ledger.record_steps(5, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
+    resumed.record(ledger, 15, 10)
+    resumed.update_epsilon(ledger, force=True)  # record() refreshes it at most every 2 s
+    q = resumed.plans["beta"].sample_rate
+    assert resumed.accountants["beta"].steps == 15 == ledger["beta"].steps_participated
+    assert ledger["beta"].epsilon == pytest.approx(
+        _rdp([(1.0, q, 12), (1.0 / math.sqrt(2), q, 3)]))

@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+import ray
 import torch
 import yaml
 from conftest import make_spec
 from test_elastic import reference_for
 
+from raysys.runner import NAMESPACE
 from raysys.train.checkpoint import Checkpoint, CheckpointStore
 from raysys.train.reference import max_relative_difference
 from raysys.train.replica import Replica, ReplicaConfig
@@ -61,10 +64,10 @@ def _flat(path: Path, spec: dict) -> np.ndarray:
     return replica.flat_parameters().numpy()
 
 
-def test_resume_after_driver_killed_matches_uninterrupted_run(ray_cluster, two_partner_data,
-                                                              tmp_path):
-    spec = make_spec(two_partner_data, tmp_path, steps=60)
-    spec["checkpoint"]["every_steps"] = 10
+def _killed_then_resumed(ray_cluster, spec: dict, tmp_path) -> tuple[dict, int, int]:
+    """Run `spec` from the CLI, kill the driver after its first checkpoint, resume it to the
+    end. Returns the resumed run's summary, the step it resumed from, and the released-steps
+    mark the killed run left."""
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(spec))
     ckpt_dir = tmp_path / "ckpt" / "t"
@@ -76,15 +79,34 @@ def test_resume_after_driver_killed_matches_uninterrupted_run(ray_cluster, two_p
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-run, after its first checkpoint
     driver.wait()
+    # Ray reaps the dead driver's controller a moment later; until then it may train on (and
+    # write checkpoints and marks), so look at what it left only once it is gone.
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            ray.get_actor("raysys:t:controller", namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.05)
     first = sorted(ckpt_dir.glob("step-*.pt"))
-    assert first and int(first[-1].stem.split("-")[1]) < 60
+    assert first and int(first[-1].stem.split("-")[1]) < spec["steps"]
+    mark = CheckpointStore(str(tmp_path / "ckpt"), "t").released_mark()
 
     summary_path = tmp_path / "summary.json"
     resumed = subprocess.run(cmd + ["--resume", "--summary", str(summary_path)], timeout=300)
     assert resumed.returncode == 0
     summary = json.loads(summary_path.read_text())
-    assert summary["steps"] == 60
+    assert summary["steps"] == spec["steps"]
     assert summary["resumed_from_step"] == int(first[-1].stem.split("-")[1])
+    return summary, summary["resumed_from_step"], mark
+
+
+def test_resume_after_driver_killed_matches_uninterrupted_run(ray_cluster, two_partner_data,
+                                                              tmp_path):
+    spec = make_spec(two_partner_data, tmp_path, steps=60)
+    spec["checkpoint"]["every_steps"] = 10
+    summary, _, mark = _killed_then_resumed(ray_cluster, spec, tmp_path)
+    assert mark == 0  # no partner under DP: nothing to mark
     # Samples counted before the crash were restored from the checkpoint, not lost.
     # The whole contribution ledger travels in checkpoints.
     for name, entry in summary["partners"].items():
@@ -92,5 +114,26 @@ def test_resume_after_driver_killed_matches_uninterrupted_run(ray_cluster, two_p
         assert entry["steps_participated"] == 60 and entry["skipped_steps"] == 0
         assert entry["compute_s"] > 0 and entry["bytes_exchanged"] > 0
         assert entry["epsilon"] is None  # no differential privacy asked for
-    final = _flat(ckpt_dir / "step-000000060.pt", spec)
+    final = _flat(tmp_path / "ckpt" / "t" / "step-000000060.pt", spec)
     assert max_relative_difference(final, reference_for(spec)) <= 1e-5
+
+
+def test_a_resumed_dp_job_accounts_the_steps_it_runs_again(ray_cluster, two_partner_data,
+                                                          tmp_path):
+    """The killed run may have released steps past its last checkpoint (up to its mark); the
+    resumed run runs them again on the same rows, so each is accounted at sigma / sqrt(2)."""
+    from opacus.accountants import RDPAccountant
+
+    spec = make_spec(two_partner_data, tmp_path, steps=60)
+    spec["checkpoint"]["every_steps"] = 10
+    spec["runtime"]["steps_per_call"] = 4
+    spec["partners"][1]["privacy"] = {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
+    summary, resumed_from, mark = _killed_then_resumed(ray_cluster, spec, tmp_path)
+    again = mark - resumed_from
+    assert 0 <= again <= 10  # never past the next checkpoint, where chunks end
+    beta = summary["partners"]["beta"]
+    q = summary["batch_per_step"]["beta"] / 90
+    direct = RDPAccountant()
+    direct.history = [(1.0, q, 60 - again), (1.0 / 2**0.5, q, again)]
+    assert beta["steps_participated"] == 60
+    assert beta["epsilon"] == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)

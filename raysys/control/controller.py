@@ -76,6 +76,7 @@ class JobController:
         self._deaths_counted: set[str] = set()  # members whose death the ledger holds
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
         self._waiting_since: float | None = None  # holding for an `on_no_room: wait` partner
+        self._released_mark = 0  # steps below may have been released (see _mark_released)
         self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
         self.losses: deque[float] = deque(maxlen=20)
         # A partner under differential privacy keeps its training loss to itself (see
@@ -122,6 +123,8 @@ class JobController:
             return summary
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
+            if self.privacy is not None:
+                self.privacy.finish(self.ledger)  # the ledger's epsilon holds every release
             self._set_state(JobState.FAILED)
             self.group.shutdown()
             raise
@@ -276,7 +279,9 @@ class JobController:
             ray.get([m.actor.import_state.remote(state_ref)
                      for m in self.group.active() + self.group.with_state(MemberState.SPARE)])
             self.ledger.load_dict(ckpt.counters)
-            for message in self.privacy.restore(self.ledger, ckpt.privacy, ckpt.step):
+            self._released_mark = self.ckpt.released_mark()
+            for message in self.privacy.restore(self.ledger, ckpt.privacy, ckpt.step,
+                                                released_through=self._released_mark):
                 self._log(message)
             self.resumed_from = ckpt.step
             self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
@@ -337,14 +342,16 @@ class JobController:
             if self._holding_for_partners():
                 continue
             n = self._chunk_size()
-            t_chunk, first = time.time(), self.step
+            t_chunk = time.time()
             took_part = {m.partner for m in self.group.active()}
+            self._mark_released(self.step + n)
             reports, lost = self._run_chunk(n)
             done = self._account(reports, n, t_chunk)
             if lost or done < n:
+                reached = self.step
                 self._recover(lost)
-            if done < n:
-                self._note_released(took_part, first + n)
+                if done < n:
+                    self._note_released(took_part, self._failed_steps(reached))
             self._maybe_checkpoint()
             self._maybe_evaluate()
 
@@ -366,6 +373,9 @@ class JobController:
                       "live worker (on_no_room: wait); its replacement waits for room on a node "
                       "of its placement")
             self.record.add("wait", self.step, partners=missing)
+        # A replacement that failed to start, or a worker found dead by a re-formation, has no
+        # successor yet: start one, or the job would wait for nothing.
+        self._keep_minimums()
         starting = [m.ready_ref for m in self.group.with_state(MemberState.STARTING)
                     if m.ready_ref is not None]
         if starting:
@@ -478,7 +488,7 @@ class JobController:
         batches = self.privacy.batches(self.batch_sizes)
         self.ledger.record_steps(advanced, batches, counts, compute_s, bytes_sent, bytes_local)
         self.step += advanced
-        for message in self.privacy.record(self.ledger, self.step):
+        for message in self.privacy.record(self.ledger, self.step, self.step - advanced):
             self._log(message)
         if self.privacy.stop_job and not self._stop.is_set():
             self.stop_reason = "a partner's privacy budget is spent"
@@ -539,31 +549,53 @@ class JobController:
                 self.executor.spares_to_refill.append(p.name)
                 self._log(f"spare {spare.id} joins to keep {p.name} at its minimum")
         self._reform(event)
+        self._keep_minimums()
+        for p in self.spec.partners:
+            if not self.group.active(p.name) and p.on_no_room == "skip":
+                self._log(f"partner {p.name} has no live worker: its samples are skipped")
+        self._set_state(JobState.RUNNING)
+
+    # A step's aggregate can leave before the step completes everywhere (a ring all-reduce hands
+    # out summed segments, masked ones included, before it ends); a step run again on the same
+    # rows with fresh noise then releases that batch twice, which the accountant must count
+    # (PartnerPrivacy.note_failed_steps). Three ways a step runs again: a failed chunk, a
+    # re-formation that restarts from a survivor behind the job's step, and a resume from a
+    # checkpoint behind what the stopped run had reached (the mark written before each chunk).
+    def _failed_steps(self, reached: int) -> range:
+        """The steps of a failed chunk that may have left without completing, the job having
+        completed `reached`: the next step, or under local SGD the round it belongs to, whose
+        fusion is what crosses partners."""
+        if self.group.replica_cfg.fusion is None:
+            return range(reached, reached + 1)
+        return range(reached, min(round_end(reached, self.spec.aggregation.local_steps),
+                                  self.spec.steps))
+
+    def _note_released(self, took_part: set[str], steps: range) -> None:
+        """`steps` may have released the batches of the DP partners in `took_part`, and run
+        again: account them so (PartnerPrivacy.note_failed_steps)."""
+        if not self.privacy.enabled or not steps:
+            return
+        for message in self.privacy.note_failed_steps(took_part, steps, self.ledger):
+            self._log(message)
+        if self.privacy.stop_job and not self._stop.is_set():
+            self.stop_reason = "a partner's privacy budget is spent"
+            self._stop.set()
+
+    def _mark_released(self, end: int) -> None:
+        """Before steps up to `end` run, record durably that they may be released, so that a
+        resume after the driver stopped knows which steps it runs a second time."""
+        if self.privacy.enabled and end > self._released_mark:
+            self.ckpt.mark_released(end)
+            self._released_mark = end
+
+    def _keep_minimums(self) -> None:
+        """Start workers for every partner below `workers.min`, counting those starting."""
         for p in self.spec.partners:
             starting = len(self.group.with_state(MemberState.STARTING, p.name))
             missing = p.workers.min - len(self.group.active(p.name)) - starting
             for _ in range(max(0, missing)):
                 m = self.group.start(p, MemberState.ACTIVE)
                 self._log(f"starting {m.id} to keep {p.name} at its minimum of {p.workers.min}")
-            if not self.group.active(p.name) and p.on_no_room == "skip":
-                self._log(f"partner {p.name} has no live worker: its samples are skipped")
-        self._set_state(JobState.RUNNING)
-
-    def _note_released(self, took_part: set[str], chunk_end: int) -> None:
-        """A chunk failed before `chunk_end`: the steps from here that are to be re-run may
-        have released the noisy gradients of DP partners that took part (PartnerPrivacy.
-        note_failed_steps). Every step all-reduces the failing one; under local SGD the round
-        is re-run, its fusion being what crossed partners. With secure aggregation a failed
-        all-reduce only ever carried masked values, which are never unmasked: nothing left."""
-        if self.spec.secure_aggregation or not self.privacy.enabled:
-            return
-        end = chunk_end if self.group.replica_cfg.fusion is not None else self.step + 1
-        for message in self.privacy.note_failed_steps(took_part, range(self.step, end),
-                                                      self.ledger):
-            self._log(message)
-        if self.privacy.stop_job and not self._stop.is_set():
-            self.stop_reason = "a partner's privacy budget is spent"
-            self._stop.set()
 
     def _count_deaths(self) -> None:
         """Put every member that died into the ledger once, however its death was found: a
@@ -577,12 +609,15 @@ class JobController:
                 self._log(f"worker {m.id} died at step {self.step}")
 
     def _reform(self, event: RescaleEvent) -> None:
+        before = self.step
         try:
             self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
         except GroupError as exc:
             raise GroupError(f"cannot go on at step {self.step}: {exc}") from exc
         finally:
             self._count_deaths()
+        # The survivors are behind: the steps they redo were released already.
+        self._note_released({p.name for p in self.spec.partners}, range(self.step, before))
         event.t_ready, event.step = time.time(), self.step
         self.rescales.append(event)
         self._open_events.append(event)

@@ -14,13 +14,15 @@ already taken at the settings they were taken with, even when the resumed spec r
 another noise multiplier (a changed noise_multiplier, target_epsilon, job length or data size);
 a budget then lasts as many further steps as the true history leaves room for.
 
-A failed step can release a partner's noisy gradient without completing: without secure
-aggregation a worker's own noisy sum goes onto the ring in clear (with it, only masked values
-that are never unmasked). The step is then re-run on the same rows with fresh noise, so the same
-batch is released twice. Two releases x + N(0, s^2) and x + N'(0, s^2) are, up to independent
-noise, one release x + N(0, s^2 / 2): the step is accounted once at noise multiplier
-sigma / sqrt(k + 1) after k failed attempts (or sigma / sqrt(k) if the partner never re-runs it),
-and the budget is re-planned on that history (note_failed_steps).
+A step can release a partner's noisy gradient without completing: a ring all-reduce hands out
+summed segments (under secure aggregation too, masks cancelled) before it ends, and without
+secure aggregation a worker's own noisy sum goes onto the ring in clear. A step that runs again
+on the same rows with fresh noise (after a failed chunk, a re-formation behind the job's step, or
+a resume behind what the stopped run reached) releases the same batch twice. Two releases
+x + N(0, s^2) and x + N'(0, s^2) are, up to independent noise, one release x + N(0, s^2 / 2):
+the step is accounted once at noise multiplier sigma / sqrt(k + 1) after k earlier releases (or
+sigma / sqrt(k) if the partner takes no part in the re-run), and the budget is re-planned on that
+history (note_failed_steps).
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class PartnerPrivacy:
                 continue
             rerun = acc.with_steps(self._rerun_noise(name, released.values()))
             if rerun.epsilon() > plan.target_epsilon:
-                self._account_released(name, rerun_done=0)
+                self._account_released_alone(name)
                 self.silenced.add(name)
                 ledger[name].budget_spent_at_step = steps.start
                 messages.append(
@@ -127,10 +129,15 @@ class PartnerPrivacy:
                     "contributing (the release so far is accounted)")
                 self.stop_job |= self._on_spent[name] == "stop_job"
             else:
-                self.budget_steps[name] = (self._accounted[name] + len(released)
-                                           + rerun.steps_left(plan.target_epsilon))
+                self._replan(name, rerun)
         self.update_epsilon(ledger, force=True)
         return messages
+
+    def _replan(self, name: str, rerun: PartnerAccountant) -> None:
+        """Set `name`'s budget (target_epsilon) from `rerun`: its history with every pending
+        release accounted with its re-run. Steps past the job's end never bind."""
+        left = rerun.steps_left(self.plans[name].target_epsilon, max_steps=self._job_steps)
+        self.budget_steps[name] = self._accounted[name] + len(self._released[name]) + left
 
     def _rerun_noise(self, name: str, attempts: Iterable[int]) -> list[float]:
         """The noise multiplier a re-run step is accounted at, per step failed `attempts`
@@ -138,37 +145,32 @@ class PartnerPrivacy:
         sigma = self.plans[name].noise_multiplier
         return [sigma / math.sqrt(k + 1) for k in attempts]
 
-    def _account_released(self, name: str, rerun_done: int) -> int:
-        """Account the earliest `rerun_done` released steps as re-run (sigma / sqrt(k + 1)) and
-        the rest as never re-run (sigma / sqrt(k)). Returns how many were re-run."""
-        released = self._released[name]
-        order = sorted(released)
-        rerun = order[:rerun_done]
+    def _account_released_alone(self, name: str) -> None:
+        """Account every pending release of `name` as never re-run: sigma / sqrt(k)."""
         acc, sigma = self.accountants[name], self.plans[name].noise_multiplier
-        for nm in self._rerun_noise(name, [released[s] for s in rerun]):
-            acc.step(noise_multiplier=nm)
-        for s in order[rerun_done:]:
-            acc.step(noise_multiplier=sigma / math.sqrt(released[s]))
-        released.clear()
-        return len(rerun)
+        for k in self._released[name].values():
+            acc.step(noise_multiplier=sigma / math.sqrt(k))
+        self._released[name].clear()
 
-    def record(self, ledger: Ledger, step: int) -> list[str]:
-        """After the ledger counted a chunk: account the partners that took part, silence those
-        whose budget is spent. Returns messages for the job log."""
+    def record(self, ledger: Ledger, step: int, first: int) -> list[str]:
+        """After the ledger counted the chunk of steps [first, step): account the partners
+        that took part, silence those whose budget is spent. Returns messages for the job log.
+
+        A partner takes part in every step of a chunk or in none (the ledger counts it so). A
+        released step of the chunk is accounted with its releases (sigma / sqrt(k + 1)) if the
+        partner took part in its re-run, else alone (sigma / sqrt(k)): the job has passed it."""
         messages = []
         for name, plan in self.plans.items():
             entry = ledger[name]
             acc = self.accountants[name]
             new = entry.steps_participated - self._accounted[name]
             released = self._released[name]
-            done = [s for s in released if s < step]  # re-runs now behind the job
-            if new > 0 and done:
-                # A released step the partner took part in again is accounted with its
-                # releases; one it had no worker for stays pending until it is re-run.
-                rerun = sorted(done)[:new]
-                for nm in self._rerun_noise(name, [released.pop(s) for s in rerun]):
-                    acc.step(noise_multiplier=nm)
-                new -= len(rerun)
+            sigma = plan.noise_multiplier
+            for s in sorted(s for s in released if s < step):
+                k = released.pop(s)
+                rerun = new > 0 and s >= first
+                acc.step(noise_multiplier=sigma / math.sqrt(k + 1 if rerun else k))
+                new -= rerun
             if new > 0:
                 acc.step(new)
             self._accounted[name] = entry.steps_participated
@@ -176,7 +178,7 @@ class PartnerPrivacy:
             spent = budget is not None and entry.steps_participated >= budget
             if spent and name not in self.silenced:
                 self.silenced.add(name)
-                self._account_released(name, rerun_done=0)
+                self._account_released_alone(name)
                 entry.budget_spent_at_step = step
                 self.update_epsilon(ledger, force=True)
                 if step >= self._job_steps:  # a target_epsilon plan ends with the job
@@ -196,7 +198,7 @@ class PartnerPrivacy:
         """At the end of the job: releases of steps never re-run are accounted alone."""
         for name in self.plans:
             if self._released[name]:
-                self._account_released(name, rerun_done=0)
+                self._account_released_alone(name)
         self.update_epsilon(ledger, force=True)
 
     def update_epsilon(self, ledger: Ledger, force: bool = False) -> None:
@@ -218,13 +220,15 @@ class PartnerPrivacy:
         return {name: {**acc.state_dict(), "released": dict(self._released[name])}
                 for name, acc in self.accountants.items()}
 
-    def restore(self, ledger: Ledger, saved: Mapping[str, Mapping] | None, step: int
-                ) -> list[str]:
+    def restore(self, ledger: Ledger, saved: Mapping[str, Mapping] | None, step: int,
+                released_through: int = 0) -> list[str]:
         """On resume from the checkpoint of `step`: continue each accountant from the
         checkpoint's history (`saved`, from state_dict(); None for a checkpoint written before
-        histories were kept, whose steps are then accounted at today's settings). Returns
-        messages for the job log. Raises DataError for a partner under DP now whose
-        checkpointed steps were trained without it: no guarantee can cover those."""
+        histories were kept, whose steps are then accounted at today's settings). The stopped
+        run may have released steps up to `released_through` (its mark): those from `step` on
+        run again, and are noted as released. Returns messages for the job log. Raises
+        DataError for a partner under DP now whose checkpointed steps were trained without it:
+        no guarantee can cover those."""
         messages = []
         for name, plan in self.plans.items():
             entry, acc = ledger[name], self.accountants[name]
@@ -252,9 +256,13 @@ class PartnerPrivacy:
                     f"its {acc.steps} steps so far were accounted at noise multipliers "
                     f"{', '.join(f'{nm:.3f}' for nm in sorted(taken))}, as they were taken")
             if plan.target_epsilon is not None and name not in self.silenced:
-                rerun = acc.with_steps(self._rerun_noise(name, self._released[name].values()))
-                self.budget_steps[name] = (self._accounted[name] + len(self._released[name])
-                                           + rerun.steps_left(plan.target_epsilon))
-        messages += self.record(ledger, step)
+                self._replan(name, acc.with_steps(
+                    self._rerun_noise(name, self._released[name].values())))
+        messages += self.record(ledger, step, first=step)
+        if released_through > step:
+            messages.append(f"steps {step}-{released_through - 1} may have been released by the "
+                            "run that stopped: they run again, and are accounted as such")
+            messages += self.note_failed_steps(set(self.plans), range(step, released_through),
+                                               ledger)
         self.update_epsilon(ledger, force=True)
         return messages

@@ -3,9 +3,10 @@
 The keystream. A pair's mask for one (step, attempt, bucket) of a generation is AES-128 under
 the pair's key applied to the counter blocks
 
-    block j = le64(lo_j) || le64(hi),   lo_j = attempt << 60 | bucket << 44 | j,   hi = step
+    block j = be64(hi) || be64(lo_j),   hi = step,   lo_j = attempt << 60 | bucket << 44 | j
 
-(AES-128-ECB of those blocks: counter mode with this counter layout), read as little-endian
+(the AES-128-CTR keystream from the counter block of j = 0: CTR mode counts the 128-bit block up
+by one, and j never carries out of its 44 bits), read as little-endian
 wire words: block j covers words 4j..4j+3 of the bucket on the 32-bit wire, 2j..2j+1 on the
 64-bit one. Distinct (step, attempt, bucket, j) give distinct AES inputs under one key, so the
 output is pseudo-random up to AES's birthday bound (2^64 blocks per key; a generation draws far
@@ -34,6 +35,7 @@ import ctypes
 import functools
 import logging
 import os
+import platform
 import struct
 import threading
 from collections.abc import Callable
@@ -201,7 +203,11 @@ class _Compiled:
 
 @functools.cache
 def _host_lanes() -> list[int]:
-    """The vector widths this CPU's AES instructions allow, widest first."""
+    """The vector widths this CPU's x86 AES instructions allow, widest first (none elsewhere:
+    the loop uses x86 intrinsics, and LLVM aborts the process, not raises, on an instruction
+    the target lacks, so nothing is compiled that the CPU cannot run)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
     import llvmlite.binding as llvm  # noqa: PLC0415
 
     llvm.initialize_native_target()
@@ -228,7 +234,8 @@ def _compiled(lanes: int) -> _Compiled | None:
     process; None where they cannot be built or disagree (the caller then uses OpenSSL)."""
     if lanes not in _built:  # the lock only until built: this is on every call's path
         with _compile_lock:
-            _built[lanes] = _build(lanes)
+            if lanes not in _built:
+                _built[lanes] = _build(lanes) if lanes in _host_lanes() else None
     return _built[lanes]
 
 
@@ -237,26 +244,38 @@ def _build(lanes: int) -> _Compiled | None:
         compiled = _Compiled(lanes)
     except Exception:  # noqa: BLE001 - any failure of the code generator: use OpenSSL
         log.warning("secure aggregation: the %d-block AES loop could not be compiled; using "
-                    "OpenSSL's AES-ECB (same masks, slower)", lanes, exc_info=True)
+                    "OpenSSL's AES-CTR (same masks, slower)", lanes, exc_info=True)
         return None
     key = PairKey(bytes(range(16)))
     for bits in (32, 64):
-        words = np.zeros(3 * _UNROLL * lanes * BLOCK_BYTES * 8 // bits + 3, dtype=_DTYPES[bits])
-        _apply_compiled(compiled, words, key, "store", 9, 1, 2, 0)
-        if words.tobytes() != _openssl_keystream(key, words.nbytes, 9, 1, 2, 0):
-            log.warning("secure aggregation: the %d-block AES loop disagrees with OpenSSL on "
-                        "this CPU; using OpenSSL's AES-ECB", lanes)
-            return None
+        n = 3 * _UNROLL * lanes * BLOCK_BYTES * 8 // bits + 3  # whole iterations and a tail
+        base = np.arange(n, dtype=_DTYPES[bits]) * _DTYPES[bits](0x9E3779B97F4A7C15 >> (64 - bits))
+        ks = np.frombuffer(_openssl_keystream(key, base.nbytes, 9, 1, 2, 5), dtype=base.dtype)
+        for op in OPS:
+            words = base.copy()
+            _apply_compiled(compiled, words, key, op, 9, 1, 2, 5)
+            expected = base.copy()
+            _combine(expected, ks, op)
+            if not np.array_equal(words, expected):
+                log.warning("secure aggregation: the %d-block AES loop disagrees with OpenSSL "
+                            "on this CPU; using OpenSSL's AES-CTR", lanes)
+                return None
     return compiled
 
 
 def default_lanes() -> int:
-    """The width keystream_into uses: RAYSYS_AES_LANES if set (0 = OpenSSL), else the widest
-    the CPU has (0 without AES instructions)."""
+    """The width keystream_into uses: RAYSYS_AES_LANES if set (0 = OpenSSL; a width this CPU
+    has), else the widest the CPU has (0 without x86 AES instructions)."""
     forced = os.environ.get(_ENV_LANES)
     if forced is not None:
-        if forced not in {"0", *map(str, _LANE_CHOICES)}:
-            raise ValueError(f"{_ENV_LANES} must be one of 0, 1, 2, 4, not {forced!r}")
+        try:
+            host = _host_lanes()
+        except Exception:  # noqa: BLE001 - no native target: OpenSSL only
+            host = []
+        allowed = [0, *host]
+        if forced not in map(str, allowed):
+            raise ValueError(f"{_ENV_LANES} must be one of {allowed} on this CPU (0: OpenSSL), "
+                             f"not {forced!r}")
         return int(forced)
     try:
         lanes = _host_lanes()

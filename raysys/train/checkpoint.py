@@ -2,13 +2,18 @@
 
 A checkpoint is one file `<storage>/<job>/step-<step>.pt` holding model and optimizer state, the
 step, the sampler state (seed, partner sizes and per-step batches: with them the samples of every
-later step are determined) and per-partner counters. It is written to a temporary name and then
-renamed, so a reader never sees half a checkpoint, on a local folder or any pyarrow filesystem URI.
+later step are determined), per-partner counters and, under differential privacy, each
+partner's accountant history. It is written to a temporary name and then renamed, so a reader
+never sees half a checkpoint, on a local folder or any pyarrow filesystem URI. Beside the
+checkpoints, `released-through.json` marks how far a job under DP may have released steps (written
+before each chunk): a resume re-runs the steps between its checkpoint and that mark, which the
+privacy accountant must count as released twice.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ import pyarrow.fs as pafs
 import torch
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+_RELEASED = "released-through.json"
 
 
 @dataclass
@@ -71,6 +77,23 @@ class CheckpointStore:
     def _prune(self) -> None:
         for step in self._steps()[: -self.keep]:
             self.fs.delete_file(f"{self.dir}/step-{step:09d}.pt")
+
+    def mark_released(self, step: int) -> None:
+        """Record that steps below `step` may have been released (written before they run,
+        atomically; read back by released_mark on resume)."""
+        self.fs.create_dir(self.dir, recursive=True)
+        final = f"{self.dir}/{_RELEASED}"
+        with self.fs.open_output_stream(f"{final}.tmp") as out:
+            out.write(json.dumps({"step": int(step)}).encode())
+        self.fs.move(f"{final}.tmp", final)
+
+    def released_mark(self) -> int:
+        """The last mark_released step (0 if none was written)."""
+        path = f"{self.dir}/{_RELEASED}"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return 0
+        with self.fs.open_input_stream(path) as f:
+            return int(json.loads(f.read())["step"])
 
     def latest(self) -> Checkpoint | None:
         steps = self._steps()
