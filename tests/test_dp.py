@@ -597,16 +597,17 @@ def test_a_failure_at_the_end_of_a_budget_stops_the_partner_before_the_re_run(
     privacy, ledger = _privacy_after(two_partner_data, tmp_path, 200, dp, 26)
     q = privacy.plans["beta"].sample_rate
     messages = privacy.note_failed_steps({"beta"}, range(26, 27), ledger)
-    assert len(messages) == 1 and "re-running it would pass its privacy budget" in messages[0]
+    assert len(messages) == 1 and "running it again would pass its privacy budget" in messages[0]
     assert "beta" in privacy.silenced and privacy.batches({"beta": 11}) == {"beta": 0}
     assert ledger["beta"].epsilon == pytest.approx(_rdp([(3.0, q, 27)]))
     assert ledger["beta"].epsilon <= 1.0
 
 
-def test_a_resume_behind_the_released_mark_accounts_the_steps_run_again(
-        two_partner_data, tmp_path) -> None:
-    """The stopped run marked steps up to 13 as possibly released; the checkpoint is at 10:
-    steps 10-12 run a second time on the same rows, each accounted at sigma / sqrt(2)."""
+def test_a_resume_counts_every_attempt_the_stopped_run_made(two_partner_data,
+                                                            tmp_path) -> None:
+    """Checkpoint at 10; the stopped run attempted 10-14, its chunk failed at 12 and it ran
+    12-14 again before it stopped (its journal). The resumed run runs 10-14 once more: 10 and
+    11 were released twice in all (sigma / sqrt(2)), 12-14 three times (sigma / sqrt(3))."""
     from raysys.control.ledger import Ledger
 
     dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
@@ -615,12 +616,26 @@ def test_a_resume_behind_the_released_mark_accounts_the_steps_run_again(
     resumed, _ = _privacy_after(two_partner_data, tmp_path, 40, dp, 0)
     ledger = Ledger(["alpha", "beta"], "t")
     ledger.load_dict(counters)
-    messages = resumed.restore(ledger, saved, 10, released_through=13)
-    assert any("steps 10-12 may have been released" in m for m in messages)
+    journal = [[10, 15, ["alpha", "beta"]], [12, 15, ["alpha", "beta"]]]
+    messages = resumed.restore(ledger, saved, 10, journal)
+    assert any("attempted steps 10-14 after its checkpoint" in m for m in messages)
     ledger.record_steps(5, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
     resumed.record(ledger, 15, 10)
     resumed.update_epsilon(ledger, force=True)  # record() refreshes it at most every 2 s
     q = resumed.plans["beta"].sample_rate
     assert resumed.accountants["beta"].steps == 15 == ledger["beta"].steps_participated
     assert ledger["beta"].epsilon == pytest.approx(
-        _rdp([(1.0, q, 12), (1.0 / math.sqrt(2), q, 3)]))
+        _rdp([(1.0, q, 10), (1.0 / math.sqrt(2), q, 2), (1.0 / math.sqrt(3), q, 3)]))
+
+
+def test_a_partner_stopped_before_its_releases_are_noted_still_has_them_accounted(
+        two_partner_data, tmp_path) -> None:
+    """beta took part in an attempt of steps 5-6, then stopped contributing (its budget) before
+    the release was noted: the release is its all the same, accounted alone."""
+    privacy, ledger = _privacy_after(two_partner_data, tmp_path, 40,
+                                     {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, 5)
+    privacy.silenced.add("beta")
+    privacy.note_failed_steps({"alpha", "beta"}, range(5, 7), ledger)
+    privacy.finish(ledger)
+    q = privacy.plans["beta"].sample_rate
+    assert ledger["beta"].epsilon == pytest.approx(_rdp([(1.0, q, 7)]))

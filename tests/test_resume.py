@@ -35,6 +35,15 @@ def test_checkpoint_store_keeps_latest_and_no_partial_files(tmp_path):
     assert latest.step == 30 and float(latest.state["x"][0]) == 30.0
 
 
+def test_the_attempt_journal_round_trips(tmp_path):
+    store = CheckpointStore(str(tmp_path), "job")
+    assert store.attempts() == []
+    store.write_attempts([[10, 14, ["beta"]], [12, 14, ["alpha", "beta"]]])
+    assert store.attempts() == [[10, 14, ["beta"]], [12, 14, ["alpha", "beta"]]]
+    store.write_attempts([])
+    assert store.attempts() == []
+
+
 def test_checkpoint_keeps_the_privacy_histories(tmp_path):
     """The DP accountants' histories travel with the checkpoint; a file written before they did
     loads with none (the controller then says how it accounts the steps)."""
@@ -66,8 +75,8 @@ def _flat(path: Path, spec: dict) -> np.ndarray:
 
 def _killed_then_resumed(ray_cluster, spec: dict, tmp_path) -> tuple[dict, int, int]:
     """Run `spec` from the CLI, kill the driver after its first checkpoint, resume it to the
-    end. Returns the resumed run's summary, the step it resumed from, and the released-steps
-    mark the killed run left."""
+    end. Returns the resumed run's summary, the step it resumed from, and the journal of steps
+    the killed run attempted after that checkpoint."""
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(spec))
     ckpt_dir = tmp_path / "ckpt" / "t"
@@ -88,9 +97,11 @@ def _killed_then_resumed(ray_cluster, spec: dict, tmp_path) -> tuple[dict, int, 
         except ValueError:
             break
         time.sleep(0.05)
+    else:
+        raise AssertionError("the killed driver's controller is still alive after 60 s")
     first = sorted(ckpt_dir.glob("step-*.pt"))
     assert first and int(first[-1].stem.split("-")[1]) < spec["steps"]
-    mark = CheckpointStore(str(tmp_path / "ckpt"), "t").released_mark()
+    attempts = CheckpointStore(str(tmp_path / "ckpt"), "t").attempts()
 
     summary_path = tmp_path / "summary.json"
     resumed = subprocess.run(cmd + ["--resume", "--summary", str(summary_path)], timeout=300)
@@ -98,15 +109,15 @@ def _killed_then_resumed(ray_cluster, spec: dict, tmp_path) -> tuple[dict, int, 
     summary = json.loads(summary_path.read_text())
     assert summary["steps"] == spec["steps"]
     assert summary["resumed_from_step"] == int(first[-1].stem.split("-")[1])
-    return summary, summary["resumed_from_step"], mark
+    return summary, summary["resumed_from_step"], attempts
 
 
 def test_resume_after_driver_killed_matches_uninterrupted_run(ray_cluster, two_partner_data,
                                                               tmp_path):
     spec = make_spec(two_partner_data, tmp_path, steps=60)
     spec["checkpoint"]["every_steps"] = 10
-    summary, _, mark = _killed_then_resumed(ray_cluster, spec, tmp_path)
-    assert mark == 0  # no partner under DP: nothing to mark
+    summary, _, attempts = _killed_then_resumed(ray_cluster, spec, tmp_path)
+    assert attempts == []  # no partner under DP: no journal
     # Samples counted before the crash were restored from the checkpoint, not lost.
     # The whole contribution ledger travels in checkpoints.
     for name, entry in summary["partners"].items():
@@ -120,17 +131,23 @@ def test_resume_after_driver_killed_matches_uninterrupted_run(ray_cluster, two_p
 
 def test_a_resumed_dp_job_accounts_the_steps_it_runs_again(ray_cluster, two_partner_data,
                                                           tmp_path):
-    """The killed run may have released steps past its last checkpoint (up to its mark); the
-    resumed run runs them again on the same rows, so each is accounted at sigma / sqrt(2)."""
+    """The killed run may have released steps past its last checkpoint (its journal of
+    attempts); the resumed run runs them again on the same rows, so each is accounted at
+    sigma / sqrt(2)."""
     from opacus.accountants import RDPAccountant
 
     spec = make_spec(two_partner_data, tmp_path, steps=60)
     spec["checkpoint"]["every_steps"] = 10
     spec["runtime"]["steps_per_call"] = 4
     spec["partners"][1]["privacy"] = {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}
-    summary, resumed_from, mark = _killed_then_resumed(ray_cluster, spec, tmp_path)
-    again = mark - resumed_from
-    assert 0 <= again <= 10  # never past the next checkpoint, where chunks end
+    summary, resumed_from, attempts = _killed_then_resumed(ray_cluster, spec, tmp_path)
+    # Contiguous attempts by beta (no failure; the journal may still hold what came before
+    # the checkpoint if the driver died between the two writes), never past the next
+    # checkpoint, where chunks end.
+    assert all(partners == ["beta"] for _, _, partners in attempts)
+    assert all(a[1] == b[0] for a, b in zip(attempts, attempts[1:], strict=False))
+    again = max([resumed_from, *(end for _, end, _ in attempts)]) - resumed_from
+    assert 0 <= again <= 10
     beta = summary["partners"]["beta"]
     q = summary["batch_per_step"]["beta"] / 90
     direct = RDPAccountant()

@@ -76,7 +76,11 @@ class JobController:
         self._deaths_counted: set[str] = set()  # members whose death the ledger holds
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
         self._waiting_since: float | None = None  # holding for an `on_no_room: wait` partner
-        self._released_mark = 0  # steps below may have been released (see _mark_released)
+        # Under DP: step ranges attempted since the last checkpoint ([first, end, partners],
+        # kept durably beside the checkpoints: _journal_attempt), and the part of the running
+        # chunk not yet known to have completed (range, partners), for a job that fails.
+        self._attempts: list[list] = []
+        self._in_flight: tuple[range, set[str]] | None = None
         self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
         self.losses: deque[float] = deque(maxlen=20)
         # A partner under differential privacy keeps its training loss to itself (see
@@ -123,8 +127,11 @@ class JobController:
             return summary
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
-            if self.privacy is not None:
-                self.privacy.finish(self.ledger)  # the ledger's epsilon holds every release
+            if self.privacy is not None:  # the ledger's epsilon holds every release
+                if self._in_flight is not None:  # steps that may have left, not recorded
+                    self.privacy.note_failed_steps(self._in_flight[1], self._in_flight[0],
+                                                   self.ledger)
+                self.privacy.finish(self.ledger)
             self._set_state(JobState.FAILED)
             self.group.shutdown()
             raise
@@ -245,6 +252,9 @@ class JobController:
     # -- STARTING ----------------------------------------------------------------------------
     def _start(self) -> None:
         ckpt = self.ckpt.latest() if self.resume else None
+        # What the stopped run attempted after its checkpoint (or from the start, if it wrote
+        # none): those steps run again, and are released again (see _journal_attempt).
+        attempts = self.ckpt.attempts() if self.resume else []
         for p in self.spec.partners:
             for _ in range(p.workers.initial):
                 self.group.start(p, MemberState.ACTIVE)
@@ -279,12 +289,16 @@ class JobController:
             ray.get([m.actor.import_state.remote(state_ref)
                      for m in self.group.active() + self.group.with_state(MemberState.SPARE)])
             self.ledger.load_dict(ckpt.counters)
-            self._released_mark = self.ckpt.released_mark()
             for message in self.privacy.restore(self.ledger, ckpt.privacy, ckpt.step,
-                                                released_through=self._released_mark):
+                                                attempts):
                 self._log(message)
             self.resumed_from = ckpt.step
             self._log(f"resumed from {ckpt.path} at step {ckpt.step}")
+        if ckpt is None and attempts:
+            for message in self.privacy.restore(self.ledger, {}, 0, attempts):
+                self._log(message)
+        if self.privacy.enabled:  # kept until the next checkpoint, in case this run stops too
+            self._attempts = [a for a in attempts if a[1] > (ckpt.step if ckpt else 0)]
         self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
         self._count_deaths()
         self._export_worker_counts()
@@ -342,16 +356,21 @@ class JobController:
             if self._holding_for_partners():
                 continue
             n = self._chunk_size()
-            t_chunk = time.time()
-            took_part = {m.partner for m in self.group.active()}
-            self._mark_released(self.step + n)
+            t_chunk, end = time.time(), self.step + n
+            # Who contributes rows to this chunk, decided now (a partner stopped later still
+            # released what it sent).
+            took_part = {m.partner for m in self.group.active()} - self.privacy.silenced
+            self._journal_attempt(self.step, end, took_part)
+            self._in_flight = (range(self.step, end), took_part)
             reports, lost = self._run_chunk(n)
             done = self._account(reports, n, t_chunk)
+            self._in_flight = (range(self.step, end), took_part)
             if lost or done < n:
                 reached = self.step
                 self._recover(lost)
                 if done < n:
-                    self._note_released(took_part, self._failed_steps(reached))
+                    self._note_released(took_part, self._failed_steps(reached, end))
+            self._in_flight = None
             self._maybe_checkpoint()
             self._maybe_evaluate()
 
@@ -560,15 +579,14 @@ class JobController:
     # rows with fresh noise then releases that batch twice, which the accountant must count
     # (PartnerPrivacy.note_failed_steps). Three ways a step runs again: a failed chunk, a
     # re-formation that restarts from a survivor behind the job's step, and a resume from a
-    # checkpoint behind what the stopped run had reached (the mark written before each chunk).
-    def _failed_steps(self, reached: int) -> range:
-        """The steps of a failed chunk that may have left without completing, the job having
-        completed `reached`: the next step, or under local SGD the round it belongs to, whose
-        fusion is what crosses partners."""
+    # checkpoint behind what the stopped run had attempted (its journal, _journal_attempt).
+    def _failed_steps(self, reached: int, end: int) -> range:
+        """The steps of a failed chunk (ending at `end`) that may have left without completing,
+        the job having completed `reached`: the next step, or under local SGD what the chunk
+        held of the round it belongs to, whose fusion is what crosses partners."""
         if self.group.replica_cfg.fusion is None:
-            return range(reached, reached + 1)
-        return range(reached, min(round_end(reached, self.spec.aggregation.local_steps),
-                                  self.spec.steps))
+            return range(reached, min(reached + 1, end))
+        return range(reached, min(round_end(reached, self.spec.aggregation.local_steps), end))
 
     def _note_released(self, took_part: set[str], steps: range) -> None:
         """`steps` may have released the batches of the DP partners in `took_part`, and run
@@ -581,12 +599,20 @@ class JobController:
             self.stop_reason = "a partner's privacy budget is spent"
             self._stop.set()
 
-    def _mark_released(self, end: int) -> None:
-        """Before steps up to `end` run, record durably that they may be released, so that a
-        resume after the driver stopped knows which steps it runs a second time."""
-        if self.privacy.enabled and end > self._released_mark:
-            self.ckpt.mark_released(end)
-            self._released_mark = end
+    def _journal_attempt(self, first: int, end: int, took_part: set[str]) -> None:
+        """Before steps [first, end) run under DP: record durably that `took_part` attempt them,
+        so that a resume after the driver stopped counts every attempt of the steps it runs
+        again (PartnerPrivacy.restore). Contiguous attempts by the same partners extend one
+        entry; a checkpoint clears the journal (its accountants hold what came before)."""
+        if not self.privacy.enabled:
+            return
+        partners = sorted(took_part & set(self.privacy.plans))
+        last = self._attempts[-1] if self._attempts else None
+        if last is not None and last[1] == first and last[2] == partners:
+            last[1] = end
+        else:
+            self._attempts.append([first, end, partners])
+        self.ckpt.write_attempts(self._attempts)
 
     def _keep_minimums(self) -> None:
         """Start workers for every partner below `workers.min`, counting those starting."""
@@ -616,8 +642,10 @@ class JobController:
             raise GroupError(f"cannot go on at step {self.step}: {exc}") from exc
         finally:
             self._count_deaths()
-        # The survivors are behind: the steps they redo were released already.
-        self._note_released({p.name for p in self.spec.partners}, range(self.step, before))
+        # The survivors are behind: the steps they redo were released already (by partners
+        # that contributed then; conservatively, every one contributing now).
+        self._note_released({p.name for p in self.spec.partners} - self.privacy.silenced,
+                            range(self.step, before))
         event.t_ready, event.step = time.time(), self.step
         self.rescales.append(event)
         self._open_events.append(event)
@@ -689,6 +717,9 @@ class JobController:
             counters=self.ledger.to_dict(),
             privacy=self.privacy.state_dict(),
         ))
+        if self._attempts:  # the checkpoint's accountants now hold them
+            self._attempts = []
+            self.ckpt.write_attempts([])
         self._log(f"checkpoint {path}")
         self.record.add("checkpoint", self.step, path=str(path))
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from raysys.control.ledger import Ledger
 from raysys.data.schema import DataError
@@ -104,27 +104,38 @@ class PartnerPrivacy:
         return max(0, min(left)) if left else None
 
     def note_failed_steps(self, partners: set[str], steps: range, ledger: Ledger) -> list[str]:
-        """A chunk failed in `steps` (those to be re-run) after `partners` (their workers)
-        took part: each DP partner among them may have released its batch of each such step,
-        which its accountant must count (module docstring). Re-plans budgets on that; a partner
-        whose re-runs would pass its target_epsilon stops contributing now. Returns messages
-        for the job log."""
-        messages = []
-        for name in partners & self.plans.keys() - self.silenced:
+        """`steps` were attempted with `partners` contributing (their workers took part with a
+        batch, decided when the attempt started) and run again: each DP partner among them may
+        have released its batch of each such step, which its accountant must count (module
+        docstring), even if it has stopped contributing since. Re-plans budgets on that; a
+        partner whose re-runs would pass its target_epsilon stops contributing now. Returns
+        messages for the job log."""
+        self._add_releases(partners, steps)
+        return self._replan_budgets(ledger, steps.start)
+
+    def _add_releases(self, partners: set[str], steps: range) -> None:
+        for name in partners & self.plans.keys():
             released = self._released[name]
             for s in steps:
                 released[s] = released.get(s, 0) + 1
-            plan, acc = self.plans[name], self.accountants[name]
-            if plan.target_epsilon is None:
+
+    def _replan_budgets(self, ledger: Ledger, step: int) -> list[str]:
+        """Re-plan the budget of every contributing partner with pending releases; stop one
+        (at `step`) whose re-runs would pass its target_epsilon."""
+        messages = []
+        for name, plan in self.plans.items():
+            released = self._released[name]
+            if name in self.silenced or plan.target_epsilon is None or not released:
                 continue
-            rerun = acc.with_steps(self._rerun_noise(name, released.values()))
+            rerun = self.accountants[name].with_steps(
+                self._rerun_noise(name, released.values()))
             if rerun.epsilon() > plan.target_epsilon:
                 self._account_released_alone(name)
                 self.silenced.add(name)
-                ledger[name].budget_spent_at_step = steps.start
+                ledger[name].budget_spent_at_step = step
                 messages.append(
-                    f"partner {name}: a failed step released its noisy gradient before "
-                    f"completing; re-running it would pass its privacy budget (epsilon "
+                    f"partner {name}: a step released its noisy gradient before completing; "
+                    f"running it again would pass its privacy budget (epsilon "
                     f"{rerun.epsilon():.3f} of {plan.target_epsilon:g}), so {name} stops "
                     "contributing (the release so far is accounted)")
                 self.stop_job |= self._on_spent[name] == "stop_job"
@@ -221,14 +232,15 @@ class PartnerPrivacy:
                 for name, acc in self.accountants.items()}
 
     def restore(self, ledger: Ledger, saved: Mapping[str, Mapping] | None, step: int,
-                released_through: int = 0) -> list[str]:
+                attempts: Iterable[Sequence] = ()) -> list[str]:
         """On resume from the checkpoint of `step`: continue each accountant from the
         checkpoint's history (`saved`, from state_dict(); None for a checkpoint written before
-        histories were kept, whose steps are then accounted at today's settings). The stopped
-        run may have released steps up to `released_through` (its mark): those from `step` on
-        run again, and are noted as released. Returns messages for the job log. Raises
-        DataError for a partner under DP now whose checkpointed steps were trained without it:
-        no guarantee can cover those."""
+        histories were kept, whose steps are then accounted at today's settings). `attempts` is
+        the stopped run's journal of step ranges it attempted since that checkpoint ([first,
+        end, partners], CheckpointStore.attempts): every attempt of a step from `step` on was a
+        release, and the step runs again. Returns messages for the job log. Raises DataError
+        for a partner under DP now whose checkpointed steps were trained without it: no
+        guarantee can cover those."""
         messages = []
         for name, plan in self.plans.items():
             entry, acc = ledger[name], self.accountants[name]
@@ -255,14 +267,19 @@ class PartnerPrivacy:
                     f"partner {name}: resumed at noise multiplier {plan.noise_multiplier:.3f}; "
                     f"its {acc.steps} steps so far were accounted at noise multipliers "
                     f"{', '.join(f'{nm:.3f}' for nm in sorted(taken))}, as they were taken")
-            if plan.target_epsilon is not None and name not in self.silenced:
-                self._replan(name, acc.with_steps(
-                    self._rerun_noise(name, self._released[name].values())))
         messages += self.record(ledger, step, first=step)
-        if released_through > step:
-            messages.append(f"steps {step}-{released_through - 1} may have been released by the "
-                            "run that stopped: they run again, and are accounted as such")
-            messages += self.note_failed_steps(set(self.plans), range(step, released_through),
-                                               ledger)
-        self.update_epsilon(ledger, force=True)
+        reached = step
+        for first, end, partners in attempts:
+            if end > step:
+                self._add_releases(set(partners), range(max(first, step), end))
+                reached = max(reached, end)
+        if reached > step:
+            messages.append(f"the stopped run attempted steps {step}-{reached - 1} after its "
+                            "checkpoint: they run again, and every attempt is accounted as a "
+                            "release")
+        for name, plan in self.plans.items():  # budgets on the true history
+            if plan.target_epsilon is not None and name not in self.silenced \
+                    and not self._released[name]:
+                self._replan(name, self.accountants[name])
+        messages += self._replan_budgets(ledger, step)  # and those with releases to re-run
         return messages

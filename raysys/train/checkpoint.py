@@ -5,9 +5,9 @@ step, the sampler state (seed, partner sizes and per-step batches: with them the
 later step are determined), per-partner counters and, under differential privacy, each
 partner's accountant history. It is written to a temporary name and then renamed, so a reader
 never sees half a checkpoint, on a local folder or any pyarrow filesystem URI. Beside the
-checkpoints, `released-through.json` marks how far a job under DP may have released steps (written
-before each chunk): a resume re-runs the steps between its checkpoint and that mark, which the
-privacy accountant must count as released twice.
+checkpoints, a job under DP keeps `dp-attempts.json`: the step ranges it attempted since the last
+checkpoint, with the partners that took part, written before each chunk runs. A resume runs those
+steps again, and the privacy accountant counts every attempt as a release.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import torch
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
-_RELEASED = "released-through.json"
+_ATTEMPTS = "dp-attempts.json"
 
 
 @dataclass
@@ -78,22 +78,22 @@ class CheckpointStore:
         for step in self._steps()[: -self.keep]:
             self.fs.delete_file(f"{self.dir}/step-{step:09d}.pt")
 
-    def mark_released(self, step: int) -> None:
-        """Record that steps below `step` may have been released (written before they run,
-        atomically; read back by released_mark on resume)."""
+    def write_attempts(self, attempts: list[list]) -> None:
+        """Replace the journal of step ranges attempted since the last checkpoint (each
+        [first, end, partners]), atomically; read back by attempts() on resume."""
         self.fs.create_dir(self.dir, recursive=True)
-        final = f"{self.dir}/{_RELEASED}"
+        final = f"{self.dir}/{_ATTEMPTS}"
         with self.fs.open_output_stream(f"{final}.tmp") as out:
-            out.write(json.dumps({"step": int(step)}).encode())
+            out.write(json.dumps(attempts).encode())
         self.fs.move(f"{final}.tmp", final)
 
-    def released_mark(self) -> int:
-        """The last mark_released step (0 if none was written)."""
-        path = f"{self.dir}/{_RELEASED}"
+    def attempts(self) -> list[list]:
+        """The journal write_attempts left ([] if none)."""
+        path = f"{self.dir}/{_ATTEMPTS}"
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return 0
+            return []
         with self.fs.open_input_stream(path) as f:
-            return int(json.loads(f.read())["step"])
+            return [[int(a), int(b), list(p)] for a, b, p in json.loads(f.read())]
 
     def latest(self) -> Checkpoint | None:
         steps = self._steps()
