@@ -639,3 +639,56 @@ def test_a_partner_stopped_before_its_releases_are_noted_still_has_them_accounte
     privacy.finish(ledger)
     q = privacy.plans["beta"].sample_rate
     assert ledger["beta"].epsilon == pytest.approx(_rdp([(1.0, q, 7)]))
+
+
+def test_a_resume_whose_history_spent_the_budget_runs_no_step_more(two_partner_data,
+                                                                     tmp_path) -> None:
+    """40 steps at sigma 1 spent epsilon e; resumed with target_epsilon just above e, no
+    further step fits: beta stops at the resume, before a single step runs."""
+    from raysys.control.ledger import Ledger
+
+    first, ledger = _privacy_after(two_partner_data, tmp_path, 100,
+                                   {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, 40)
+    spent = ledger["beta"].epsilon
+    saved, counters = first.state_dict(), ledger.to_dict()
+    dp = {"noise_multiplier": 1.0, "target_epsilon": spent * 1.0005, "max_grad_norm": 1.0}
+    resumed, _ = _privacy_after(two_partner_data, tmp_path, 100, dp, 0)
+    ledger = Ledger(["alpha", "beta"], "t")
+    ledger.load_dict(counters)
+    messages = resumed.restore(ledger, saved, 40)
+    assert "beta" in resumed.silenced and resumed.batches({"beta": 11}) == {"beta": 0}
+    assert any("partner beta spent its privacy budget" in m for m in messages), messages
+    assert resumed.steps_left(ledger) is None  # nothing binds any more
+
+
+def test_attempts_below_the_checkpoint_count_as_more_releases(two_partner_data,
+                                                              tmp_path) -> None:
+    """The stopped run had gone back below its checkpoint (a re-formation on stale workers)
+    and attempted steps 8-9 again: each is one more release, on top of the history."""
+    from raysys.control.ledger import Ledger
+
+    dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    first, ledger = _privacy_after(two_partner_data, tmp_path, 40, dp, 10)
+    saved, counters = first.state_dict(), ledger.to_dict()
+    resumed, _ = _privacy_after(two_partner_data, tmp_path, 40, dp, 0)
+    ledger = Ledger(["alpha", "beta"], "t")
+    ledger.load_dict(counters)
+    messages = resumed.restore(ledger, saved, 10, [[8, 10, ["beta"]]])
+    assert any("attempted 2 steps below its checkpoint" in m for m in messages)
+    q = resumed.plans["beta"].sample_rate
+    assert ledger["beta"].epsilon == pytest.approx(
+        _rdp([(1.0, q, 10), (1.0 / math.sqrt(2), q, 2)]))
+
+
+def test_epsilon_counts_pending_releases_and_a_stopped_job_keeps_them(two_partner_data,
+                                                                       tmp_path) -> None:
+    """A release noted, the job stops before the re-run: the reported epsilon counts it (as
+    a step at sigma), and the checkpointed state keeps it pending for a resume to pair."""
+    privacy, ledger = _privacy_after(two_partner_data, tmp_path, 40,
+                                     {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, 5)
+    privacy.note_failed_steps({"beta"}, range(5, 6), ledger)
+    privacy.finish(ledger)
+    q = privacy.plans["beta"].sample_rate
+    assert ledger["beta"].epsilon == pytest.approx(_rdp([(1.0, q, 6)]))
+    assert privacy.state_dict()["beta"]["released"] == {5: 1}
+    assert privacy.accountants["beta"].steps == 5

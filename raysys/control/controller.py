@@ -76,10 +76,13 @@ class JobController:
         self._deaths_counted: set[str] = set()  # members whose death the ledger holds
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
         self._waiting_since: float | None = None  # holding for an `on_no_room: wait` partner
-        # Under DP: step ranges attempted since the last checkpoint ([first, end, partners],
-        # kept durably beside the checkpoints: _journal_attempt), and the part of the running
-        # chunk not yet known to have completed (range, partners), for a job that fails.
+        # Under DP: the journal of attempted step ranges ([seq, first, end, partners], kept
+        # durably beside the checkpoints: _journal_attempt), the next seq, whether the next
+        # attempt must open an entry (one was checkpointed), and the part of the running chunk
+        # not yet known to have completed (range, partners), for a job that fails.
         self._attempts: list[list] = []
+        self._attempt_seq = 0
+        self._journal_break = True
         self._in_flight: tuple[range, set[str]] | None = None
         self._chaos = sorted(self.spec.chaos, key=lambda c: c.at_step)
         self.losses: deque[float] = deque(maxlen=20)
@@ -253,8 +256,10 @@ class JobController:
     def _start(self) -> None:
         ckpt = self.ckpt.latest() if self.resume else None
         # What the stopped run attempted after its checkpoint (or from the start, if it wrote
-        # none): those steps run again, and are released again (see _journal_attempt).
-        attempts = self.ckpt.attempts() if self.resume else []
+        # none): every such attempt was a release (see _journal_attempt).
+        journal = self.ckpt.attempts() if self.resume else []
+        after = ckpt.journal_seq if ckpt is not None else 0
+        attempts = [a[1:] for a in journal if a[0] >= after]
         for p in self.spec.partners:
             for _ in range(p.workers.initial):
                 self.group.start(p, MemberState.ACTIVE)
@@ -297,8 +302,9 @@ class JobController:
         if ckpt is None and attempts:
             for message in self.privacy.restore(self.ledger, {}, 0, attempts):
                 self._log(message)
-        if self.privacy.enabled:  # kept until the next checkpoint, in case this run stops too
-            self._attempts = [a for a in attempts if a[1] > (ckpt.step if ckpt else 0)]
+        if self.privacy.enabled:  # kept, in case this run stops too before its checkpoint
+            self._attempts = journal
+            self._attempt_seq = max([after, *(a[0] + 1 for a in journal)])
         self.step = self.group.reform(self.spec.runtime.collective_timeout_s)
         self._count_deaths()
         self._export_worker_counts()
@@ -601,17 +607,21 @@ class JobController:
 
     def _journal_attempt(self, first: int, end: int, took_part: set[str]) -> None:
         """Before steps [first, end) run under DP: record durably that `took_part` attempt them,
-        so that a resume after the driver stopped counts every attempt of the steps it runs
-        again (PartnerPrivacy.restore). Contiguous attempts by the same partners extend one
-        entry; a checkpoint clears the journal (its accountants hold what came before)."""
+        so that a resume after the driver stopped counts every attempt made after its
+        checkpoint (PartnerPrivacy.restore). Contiguous attempts by the same partners extend
+        one entry, never across a checkpoint (entries are numbered, and a checkpoint holds the
+        number of the next one)."""
         if not self.privacy.enabled:
             return
         partners = sorted(took_part & set(self.privacy.plans))
         last = self._attempts[-1] if self._attempts else None
-        if last is not None and last[1] == first and last[2] == partners:
-            last[1] = end
+        if last is not None and not self._journal_break and last[2] == first \
+                and last[3] == partners:
+            last[2] = end
         else:
-            self._attempts.append([first, end, partners])
+            self._attempts.append([self._attempt_seq, first, end, partners])
+            self._attempt_seq += 1
+        self._journal_break = False
         self.ckpt.write_attempts(self._attempts)
 
     def _keep_minimums(self) -> None:
@@ -716,8 +726,13 @@ class JobController:
                      "batch_sizes": self.batch_sizes},
             counters=self.ledger.to_dict(),
             privacy=self.privacy.state_dict(),
+            journal_seq=self._attempt_seq,
         ))
-        if self._attempts:  # the checkpoint's accountants now hold them
+        self._journal_break = True
+        if self._attempts and self.ckpt.latest_step() == self.step:
+            # A resume starts from this checkpoint, whose accountants hold every earlier entry.
+            # (After a re-formation went back, a later-step checkpoint is the one a resume
+            # uses: the entries since it are kept.)
             self._attempts = []
             self.ckpt.write_attempts([])
         self._log(f"checkpoint {path}")

@@ -48,7 +48,8 @@ class PartnerPrivacy:
         self._job_steps = spec.steps
         self._on_spent = {}
         self._epsilon_at = -math.inf  # when epsilon was last written into the ledger
-        self._epsilon_steps: dict[str, int] = {}  # the accountant steps it was computed for
+        # What each partner's epsilon was last computed for: accountant steps, pending releases.
+        self._epsilon_steps: dict[str, tuple] = {}
         # The step count after which a partner stops (target_epsilon): the plan's, or on resume
         # what the checkpoint's history leaves.
         self.budget_steps: dict[str, int | None] = {}
@@ -206,24 +207,30 @@ class PartnerPrivacy:
         return messages
 
     def finish(self, ledger: Ledger) -> None:
-        """At the end of the job: releases of steps never re-run are accounted alone."""
-        for name in self.plans:
-            if self._released[name]:
-                self._account_released_alone(name)
+        """At the end of the job (or its failure): the ledger's epsilon, exact now. Releases of
+        steps not run again stay pending in the accountants (a resumed job may still run them,
+        and must then account them with their re-run); the epsilon already counts them."""
         self.update_epsilon(ledger, force=True)
 
     def update_epsilon(self, ledger: Ledger, force: bool = False) -> None:
-        """Write each DP partner's epsilon into the ledger. Opacus' RDP epsilon takes ~0.1 s,
-        as long as a chunk of steps, so between checkpoints and the end (force) it is refreshed
-        at most every EPSILON_REFRESH_S; budgets are enforced by step count, not by this."""
+        """Write each DP partner's epsilon spent so far into the ledger: its accountant's,
+        plus every pending release as if never run again (sigma / sqrt(k); its re-run will
+        cost at least that). Opacus' RDP epsilon takes ~0.1 s, as long as a chunk of steps, so
+        between checkpoints and the end (force) it is refreshed at most every
+        EPSILON_REFRESH_S; budgets are enforced by step count, not by this."""
         now = time.monotonic()
         if not force and now - self._epsilon_at < EPSILON_REFRESH_S:
             return
         self._epsilon_at = now
         for name, acc in self.accountants.items():
-            if self._epsilon_steps.get(name) != acc.steps:
-                self._epsilon_steps[name] = acc.steps
-                ledger[name].epsilon = acc.epsilon() if acc.steps else 0.0
+            released = self._released[name]
+            key = (acc.steps, tuple(sorted(released.items())))
+            if self._epsilon_steps.get(name) != key:
+                self._epsilon_steps[name] = key
+                sigma = self.plans[name].noise_multiplier
+                spent = acc.with_steps(sigma / math.sqrt(k) for k in released.values()) \
+                    if released else acc
+                ledger[name].epsilon = spent.epsilon() if spent.steps else 0.0
 
     def state_dict(self) -> dict[str, dict]:
         """Every DP partner's accountant history and not yet accounted releases (failed steps
@@ -236,9 +243,12 @@ class PartnerPrivacy:
         """On resume from the checkpoint of `step`: continue each accountant from the
         checkpoint's history (`saved`, from state_dict(); None for a checkpoint written before
         histories were kept, whose steps are then accounted at today's settings). `attempts` is
-        the stopped run's journal of step ranges it attempted since that checkpoint ([first,
-        end, partners], CheckpointStore.attempts): every attempt of a step from `step` on was a
-        release, and the step runs again. Returns messages for the job log. Raises DataError
+        the stopped run's journal of step ranges it attempted after that checkpoint ([first,
+        end, partners], from CheckpointStore.attempts): every attempt was a release. A step
+        from `step` on runs again; one below (attempted again after a re-formation went back)
+        was in the checkpoint's history once already, and each of its j later attempts is
+        accounted by one more step at sigma / sqrt(j + 1) (more than the exact combined cost).
+        Returns messages for the job log. Raises DataError
         for a partner under DP now whose checkpointed steps were trained without it: no
         guarantee can cover those."""
         messages = []
@@ -267,19 +277,31 @@ class PartnerPrivacy:
                     f"partner {name}: resumed at noise multiplier {plan.noise_multiplier:.3f}; "
                     f"its {acc.steps} steps so far were accounted at noise multipliers "
                     f"{', '.join(f'{nm:.3f}' for nm in sorted(taken))}, as they were taken")
-        messages += self.record(ledger, step, first=step)
-        reached = step
+        reached, below = step, {}
         for first, end, partners in attempts:
             if end > step:
                 self._add_releases(set(partners), range(max(first, step), end))
                 reached = max(reached, end)
+            for name in set(partners) & self.plans.keys():
+                for s in range(first, min(end, step)):
+                    below[name, s] = below.get((name, s), 0) + 1
+        for (name, _), j in below.items():
+            self.accountants[name].step(
+                noise_multiplier=self.plans[name].noise_multiplier / math.sqrt(j + 1))
         if reached > step:
             messages.append(f"the stopped run attempted steps {step}-{reached - 1} after its "
                             "checkpoint: they run again, and every attempt is accounted as a "
                             "release")
+        if below:
+            messages.append(f"the stopped run attempted {len({s for _, s in below})} steps "
+                            "below its checkpoint again (it had gone back): each attempt is "
+                            "accounted as one more release")
         for name, plan in self.plans.items():  # budgets on the true history
             if plan.target_epsilon is not None and name not in self.silenced \
-                    and not self._released[name]:
+                    and not self._released[name] and saved is not None:
                 self._replan(name, self.accountants[name])
         messages += self._replan_budgets(ledger, step)  # and those with releases to re-run
+        # Last: replays an older checkpoint's steps, and stops a partner whose budget the
+        # history has spent (before a single step more runs).
+        messages += self.record(ledger, step, first=step)
         return messages

@@ -5,9 +5,10 @@ step, the sampler state (seed, partner sizes and per-step batches: with them the
 later step are determined), per-partner counters and, under differential privacy, each
 partner's accountant history. It is written to a temporary name and then renamed, so a reader
 never sees half a checkpoint, on a local folder or any pyarrow filesystem URI. Beside the
-checkpoints, a job under DP keeps `dp-attempts.json`: the step ranges it attempted since the last
-checkpoint, with the partners that took part, written before each chunk runs. A resume runs those
-steps again, and the privacy accountant counts every attempt as a release.
+checkpoints, a job under DP keeps `dp-attempts.json`: the step ranges it attempted, numbered, with
+the partners that took part, written before each chunk runs (entries older than the checkpoint a
+resume would use are dropped). A resume counts every attempt made after its checkpoint as a
+release.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Checkpoint:
     # Per DP partner its accountant's history (PartnerPrivacy.state_dict); None in checkpoints
     # written before it was kept.
     privacy: dict | None = None
+    # The sequence number the next entry of the attempt journal gets (see write_attempts):
+    # entries from it on were attempted after this checkpoint.
+    journal_seq: int = 0
 
 
 def _filesystem(storage_path: str) -> tuple[pafs.FileSystem, str]:
@@ -53,7 +57,8 @@ class CheckpointStore:
         self.fs.create_dir(self.dir, recursive=True)
         buf = io.BytesIO()
         torch.save({"step": ckpt.step, "state": ckpt.state, "sampler": ckpt.sampler,
-                    "counters": ckpt.counters, "privacy": ckpt.privacy}, buf)
+                    "counters": ckpt.counters, "privacy": ckpt.privacy,
+                    "journal_seq": ckpt.journal_seq}, buf)
         final = f"{self.dir}/step-{ckpt.step:09d}.pt"
         tmp = f"{final}.tmp"
         with self.fs.open_output_stream(tmp) as out:
@@ -79,8 +84,9 @@ class CheckpointStore:
             self.fs.delete_file(f"{self.dir}/step-{step:09d}.pt")
 
     def write_attempts(self, attempts: list[list]) -> None:
-        """Replace the journal of step ranges attempted since the last checkpoint (each
-        [first, end, partners]), atomically; read back by attempts() on resume."""
+        """Replace the journal of attempted step ranges (each [seq, first, end, partners], seq
+        increasing; a checkpoint's journal_seq tells which came after it), atomically; read
+        back by attempts() on resume."""
         self.fs.create_dir(self.dir, recursive=True)
         final = f"{self.dir}/{_ATTEMPTS}"
         with self.fs.open_output_stream(f"{final}.tmp") as out:
@@ -93,7 +99,12 @@ class CheckpointStore:
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return []
         with self.fs.open_input_stream(path) as f:
-            return [[int(a), int(b), list(p)] for a, b, p in json.loads(f.read())]
+            return [[int(q), int(a), int(b), list(p)] for q, a, b, p in json.loads(f.read())]
+
+    def latest_step(self) -> int | None:
+        """The step of the checkpoint latest() would return (None without one)."""
+        steps = self._steps()
+        return steps[-1] if steps else None
 
     def latest(self) -> Checkpoint | None:
         steps = self._steps()
@@ -103,4 +114,4 @@ class CheckpointStore:
         with self.fs.open_input_stream(path) as f:
             data = torch.load(io.BytesIO(f.read()), weights_only=False)
         return Checkpoint(data["step"], data["state"], data["sampler"], data["counters"], path,
-                          data.get("privacy"))
+                          data.get("privacy"), data.get("journal_seq", 0))
