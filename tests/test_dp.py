@@ -466,6 +466,22 @@ def _privacy_after(two_partner_data, tmp_path, job_steps: int, dp: dict, steps_t
     return privacy, ledger
 
 
+def _resumed(two_partner_data, tmp_path, job_steps: int, dp_then: dict, steps_taken: int,
+             dp_now: dict | None = None, job_steps_now: int | None = None):
+    """(first run's PartnerPrivacy, resumed PartnerPrivacy before restore(), the resumed
+    ledger loaded from the first run's checkpoint counters, the checkpoint's privacy state):
+    beta under `dp_then` for `steps_taken` steps, then resumed under `dp_now` (default the
+    same) for a job of `job_steps_now` steps (default the same)."""
+    from raysys.control.ledger import Ledger
+
+    first, ledger = _privacy_after(two_partner_data, tmp_path, job_steps, dp_then, steps_taken)
+    resumed, _ = _privacy_after(two_partner_data, tmp_path, job_steps_now or job_steps,
+                                dp_now or dp_then, 0)
+    loaded = Ledger(["alpha", "beta"], "t")
+    loaded.load_dict(ledger.to_dict())
+    return first, resumed, loaded, first.state_dict()
+
+
 def test_a_resumed_job_accounts_past_steps_at_the_noise_they_had(two_partner_data,
                                                                  tmp_path) -> None:
     """Resuming with a longer job under target_epsilon alone resolves to more noise per step;
@@ -474,18 +490,12 @@ def test_a_resumed_job_accounts_past_steps_at_the_noise_they_had(two_partner_dat
     history leaves room for."""
     from opacus.accountants import RDPAccountant
 
-    from raysys.control.ledger import Ledger
-
     dp = {"target_epsilon": 1.0, "max_grad_norm": 1.0}
-    first, ledger = _privacy_after(two_partner_data, tmp_path, 40, dp, steps_taken=20)
-    saved, counters = first.state_dict(), ledger.to_dict()
+    first, resumed, ledger2, saved = _resumed(two_partner_data, tmp_path, 40, dp, 20,
+                                              job_steps_now=100)
     sigma_then, q = first.plans["beta"].noise_multiplier, first.plans["beta"].sample_rate
-
-    resumed, _ = _privacy_after(two_partner_data, tmp_path, 100, dp, steps_taken=0)
     sigma_now = resumed.plans["beta"].noise_multiplier
     assert sigma_now > sigma_then  # a longer job spreads the same budget thinner
-    ledger2 = Ledger(["alpha", "beta"], "t")
-    ledger2.load_dict(counters)
     messages = resumed.restore(ledger2, saved, 20)
     assert any("its 20 steps so far were accounted at noise multipliers" in m for m in messages)
 
@@ -608,14 +618,8 @@ def test_a_resume_counts_every_attempt_the_stopped_run_made(two_partner_data,
     """Checkpoint at 10; the stopped run attempted 10-14, its chunk failed at 12 and it ran
     12-14 again before it stopped (its journal). The resumed run runs 10-14 once more: 10 and
     11 were released twice in all (sigma / sqrt(2)), 12-14 three times (sigma / sqrt(3))."""
-    from raysys.control.ledger import Ledger
-
     dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
-    first, ledger = _privacy_after(two_partner_data, tmp_path, 40, dp, 10)
-    saved, counters = first.state_dict(), ledger.to_dict()
-    resumed, _ = _privacy_after(two_partner_data, tmp_path, 40, dp, 0)
-    ledger = Ledger(["alpha", "beta"], "t")
-    ledger.load_dict(counters)
+    _, resumed, ledger, saved = _resumed(two_partner_data, tmp_path, 40, dp, 10)
     journal = [[10, 15, ["alpha", "beta"]], [12, 15, ["alpha", "beta"]]]
     messages = resumed.restore(ledger, saved, 10, journal)
     assert any("attempted steps 10-14 after its checkpoint" in m for m in messages)
@@ -645,16 +649,10 @@ def test_a_resume_whose_history_spent_the_budget_runs_no_step_more(two_partner_d
                                                                      tmp_path) -> None:
     """40 steps at sigma 1 spent epsilon e; resumed with target_epsilon just above e, no
     further step fits: beta stops at the resume, before a single step runs."""
-    from raysys.control.ledger import Ledger
-
-    first, ledger = _privacy_after(two_partner_data, tmp_path, 100,
-                                   {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, 40)
-    spent = ledger["beta"].epsilon
-    saved, counters = first.state_dict(), ledger.to_dict()
-    dp = {"noise_multiplier": 1.0, "target_epsilon": spent * 1.0005, "max_grad_norm": 1.0}
-    resumed, _ = _privacy_after(two_partner_data, tmp_path, 100, dp, 0)
-    ledger = Ledger(["alpha", "beta"], "t")
-    ledger.load_dict(counters)
+    then = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    spent = _privacy_after(two_partner_data, tmp_path, 100, then, 40)[1]["beta"].epsilon
+    now = {**then, "target_epsilon": spent * 1.0005}
+    _, resumed, ledger, saved = _resumed(two_partner_data, tmp_path, 100, then, 40, now)
     messages = resumed.restore(ledger, saved, 40)
     assert "beta" in resumed.silenced and resumed.batches({"beta": 11}) == {"beta": 0}
     assert any("partner beta spent its privacy budget" in m for m in messages), messages
@@ -665,14 +663,8 @@ def test_attempts_below_the_checkpoint_count_as_more_releases(two_partner_data,
                                                               tmp_path) -> None:
     """The stopped run had gone back below its checkpoint (a re-formation on stale workers)
     and attempted steps 8-9 again: each is one more release, on top of the history."""
-    from raysys.control.ledger import Ledger
-
     dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
-    first, ledger = _privacy_after(two_partner_data, tmp_path, 40, dp, 10)
-    saved, counters = first.state_dict(), ledger.to_dict()
-    resumed, _ = _privacy_after(two_partner_data, tmp_path, 40, dp, 0)
-    ledger = Ledger(["alpha", "beta"], "t")
-    ledger.load_dict(counters)
+    _, resumed, ledger, saved = _resumed(two_partner_data, tmp_path, 40, dp, 10)
     messages = resumed.restore(ledger, saved, 10, [[8, 10, ["beta"]]])
     assert any("attempted 2 steps below its checkpoint" in m for m in messages)
     q = resumed.plans["beta"].sample_rate
