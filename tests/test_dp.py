@@ -513,13 +513,18 @@ def test_resuming_under_dp_what_was_trained_without_it_is_refused(two_partner_da
                                                                   tmp_path) -> None:
     from raysys.data.schema import DataError
 
-    plain, ledger = _privacy_after(two_partner_data, tmp_path, 40, {"noise_multiplier": 0.0,
-                                   "max_grad_norm": 1.0}, steps_taken=0)
+    _, ledger = _privacy_after(two_partner_data, tmp_path, 40, {"noise_multiplier": 0.0,
+                               "max_grad_norm": 1.0}, steps_taken=0)
     ledger["beta"].steps_participated, ledger["beta"].epsilon = 12, None
     now, _ = _privacy_after(two_partner_data, tmp_path, 40, {"noise_multiplier": 1.0,
                             "max_grad_norm": 1.0}, steps_taken=0)
     with pytest.raises(DataError, match="partner 'beta' privacy.dp: .* 12 steps .* without"):
         now.restore(ledger, {}, 12)
+    # DP in a first run, none in a second (whose checkpoint has no history for beta, while its
+    # ledger still shows the first run's epsilon), DP again now: refused as well.
+    ledger["beta"].epsilon = 3.0
+    with pytest.raises(DataError, match="partner 'beta' privacy.dp: .* 12 steps .* without"):
+        now.restore(ledger, {"alpha": {}}, 12)
 
 
 def test_an_older_checkpoint_without_histories_is_accounted_at_todays_noise(
@@ -620,7 +625,7 @@ def test_a_resume_counts_every_attempt_the_stopped_run_made(two_partner_data,
     11 were released twice in all (sigma / sqrt(2)), 12-14 three times (sigma / sqrt(3))."""
     dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
     _, resumed, ledger, saved = _resumed(two_partner_data, tmp_path, 40, dp, 10)
-    journal = [[10, 15, ["alpha", "beta"]], [12, 15, ["alpha", "beta"]]]
+    journal = [[10, 15, {"beta": 1.0}], [12, 15, {"beta": 1.0}]]
     messages = resumed.restore(ledger, saved, 10, journal)
     assert any("attempted steps 10-14 after its checkpoint" in m for m in messages)
     ledger.record_steps(5, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
@@ -665,7 +670,7 @@ def test_attempts_below_the_checkpoint_count_as_more_releases(two_partner_data,
     and attempted steps 8-9 again: each is one more release, on top of the history."""
     dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
     _, resumed, ledger, saved = _resumed(two_partner_data, tmp_path, 40, dp, 10)
-    messages = resumed.restore(ledger, saved, 10, [[8, 10, ["beta"]]])
+    messages = resumed.restore(ledger, saved, 10, [[8, 10, {"beta": 1.0}]])
     assert any("attempted 2 steps below its checkpoint" in m for m in messages)
     q = resumed.plans["beta"].sample_rate
     assert ledger["beta"].epsilon == pytest.approx(
@@ -684,3 +689,38 @@ def test_epsilon_counts_pending_releases_and_a_stopped_job_keeps_them(two_partne
     assert ledger["beta"].epsilon == pytest.approx(_rdp([(1.0, q, 6)]))
     assert privacy.state_dict()["beta"]["released"] == {5: 1}
     assert privacy.accountants["beta"].steps == 5
+
+
+def test_releases_made_at_another_noise_are_accounted_at_theirs(two_partner_data,
+                                                                tmp_path) -> None:
+    """The stopped run attempted steps 10-11 at sigma 1; the resume plans sigma 2: each re-run
+    step is one release of precision 1/1 + 1/4, not two at sigma 2."""
+    then = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    now = {"noise_multiplier": 2.0, "max_grad_norm": 1.0}
+    _, resumed, ledger, saved = _resumed(two_partner_data, tmp_path, 40, then, 10, now)
+    resumed.restore(ledger, saved, 10, [[10, 12, {"beta": 1.0}]])
+    ledger.record_steps(2, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
+    resumed.record(ledger, 12, 10)
+    resumed.update_epsilon(ledger, force=True)
+    q = resumed.plans["beta"].sample_rate
+    assert ledger["beta"].epsilon == pytest.approx(
+        _rdp([(1.0, q, 10), (1.0 / math.sqrt(1 + 1 / 4), q, 2)]))
+
+
+def test_a_batch_released_again_after_its_releases_were_accounted_counts_them_all(
+        two_partner_data, tmp_path) -> None:
+    """Step 5 fails once and its re-run completes (sigma / sqrt(2)); the job then goes back
+    (a re-formation on a stale survivor) and runs step 5 a third time: its new entry covers
+    all three releases (sigma / sqrt(3)), on top of the first."""
+    privacy, ledger = _privacy_after(two_partner_data, tmp_path, 40,
+                                     {"noise_multiplier": 1.0, "max_grad_norm": 1.0}, 5)
+    privacy.note_failed_steps({"beta"}, range(5, 6), ledger)
+    ledger.record_steps(1, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
+    privacy.record(ledger, 6, 5)
+    privacy.note_failed_steps({"beta"}, range(5, 6), ledger, accounted=True)
+    ledger.record_steps(1, {"alpha": 19, "beta": 11}, {"alpha": 1, "beta": 1}, {}, {})
+    privacy.record(ledger, 6, 5)
+    privacy.finish(ledger)
+    q = privacy.plans["beta"].sample_rate
+    assert ledger["beta"].epsilon == pytest.approx(
+        _rdp([(1.0, q, 5), (1.0 / math.sqrt(2), q, 1), (1.0 / math.sqrt(3), q, 1)]))

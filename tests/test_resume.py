@@ -38,8 +38,9 @@ def test_checkpoint_store_keeps_latest_and_no_partial_files(tmp_path):
 def test_the_attempt_journal_round_trips(tmp_path):
     store = CheckpointStore(str(tmp_path), "job")
     assert store.attempts() == []
-    store.write_attempts([[0, 10, 14, ["beta"]], [1, 12, 14, ["alpha", "beta"]]])
-    assert store.attempts() == [[0, 10, 14, ["beta"]], [1, 12, 14, ["alpha", "beta"]]]
+    journal = [[0, 10, 14, {"beta": 1.5}], [1, 12, 14, {"alpha": 0.8, "beta": 1.5}]]
+    store.write_attempts(journal)
+    assert store.attempts() == journal
     store.write_attempts([])
     assert store.attempts() == []
 
@@ -146,7 +147,7 @@ def test_a_resumed_dp_job_accounts_the_steps_it_runs_again(ray_cluster, two_part
     # One contiguous attempt by beta from the checkpoint on (no failure), never past the next
     # checkpoint, where chunks end; or none, if the driver died right after the checkpoint.
     assert attempts == [] or (len(attempts) == 1 and attempts[0][0] == resumed_from
-                              and attempts[0][2] == ["beta"])
+                              and attempts[0][2] == {"beta": 1.0})
     again = attempts[0][1] - resumed_from if attempts else 0
     assert 0 <= again <= 10
     beta = summary["partners"]["beta"]

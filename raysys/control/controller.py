@@ -302,6 +302,9 @@ class JobController:
         if ckpt is None and attempts:
             for message in self.privacy.restore(self.ledger, {}, 0, attempts):
                 self._log(message)
+        if self.privacy.stop_job:  # a resumed partner's budget was spent, under stop_job
+            self.stop_reason = "a partner's privacy budget is spent"
+            self._stop.set()
         if self.privacy.enabled:  # kept, in case this run stops too before its checkpoint
             self._attempts = journal
             self._attempt_seq = max([after, *(a[0] + 1 for a in journal)])
@@ -594,12 +597,13 @@ class JobController:
             return range(reached, min(reached + 1, end))
         return range(reached, min(round_end(reached, self.spec.aggregation.local_steps), end))
 
-    def _note_released(self, took_part: set[str], steps: range) -> None:
+    def _note_released(self, took_part: set[str], steps: range, accounted: bool = False) -> None:
         """`steps` may have released the batches of the DP partners in `took_part`, and run
         again: account them so (PartnerPrivacy.note_failed_steps)."""
         if not self.privacy.enabled or not steps:
             return
-        for message in self.privacy.note_failed_steps(took_part, steps, self.ledger):
+        for message in self.privacy.note_failed_steps(took_part, steps, self.ledger,
+                                                      accounted):
             self._log(message)
         if self.privacy.stop_job and not self._stop.is_set():
             self.stop_reason = "a partner's privacy budget is spent"
@@ -613,7 +617,8 @@ class JobController:
         number of the next one)."""
         if not self.privacy.enabled:
             return
-        partners = sorted(took_part & set(self.privacy.plans))
+        plans = self.privacy.plans
+        partners = {p: plans[p].noise_multiplier for p in sorted(took_part & set(plans))}
         last = self._attempts[-1] if self._attempts else None
         if last is not None and not self._journal_break and last[2] == first \
                 and last[3] == partners:
@@ -652,10 +657,10 @@ class JobController:
             raise GroupError(f"cannot go on at step {self.step}: {exc}") from exc
         finally:
             self._count_deaths()
-        # The survivors are behind: the steps they redo were released already (by partners
-        # that contributed then; conservatively, every one contributing now).
+        # The survivors are behind: the steps they redo were released, and accounted, already
+        # (by partners that contributed then; conservatively, every one contributing now).
         self._note_released({p.name for p in self.spec.partners} - self.privacy.silenced,
-                            range(self.step, before))
+                            range(self.step, before), accounted=True)
         event.t_ready, event.step = time.time(), self.step
         self.rescales.append(event)
         self._open_events.append(event)

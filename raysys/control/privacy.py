@@ -18,11 +18,15 @@ A step can release a partner's noisy gradient without completing: a ring all-red
 summed segments (under secure aggregation too, masks cancelled) before it ends, and without
 secure aggregation a worker's own noisy sum goes onto the ring in clear. A step that runs again
 on the same rows with fresh noise (after a failed chunk, a re-formation behind the job's step, or
-a resume behind what the stopped run reached) releases the same batch twice. Two releases
-x + N(0, s^2) and x + N'(0, s^2) are, up to independent noise, one release x + N(0, s^2 / 2):
-the step is accounted once at noise multiplier sigma / sqrt(k + 1) after k earlier releases (or
-sigma / sqrt(k) if the partner takes no part in the re-run), and the budget is re-planned on that
-history (note_failed_steps).
+a resume behind what the stopped run attempted) releases the same batch again. Independent
+Gaussian releases x + N(0, s_i^2) of one batch are, up to independent noise, one release whose
+precision 1 / s^2 is the sum of theirs: so every batch released more than once is accounted as
+one step at the noise multiplier of its summed precision (sigma / sqrt(k) for k releases at
+sigma; releases made at another noise, before a resume, count at theirs). Releases wait, pending,
+until the step's re-run completes or the job passes it; the reported epsilon counts them
+meanwhile. A batch released again after its releases were accounted (a re-formation went back)
+gets one more entry covering all its releases, on top of the first: more than the exact cost,
+never less. Budgets are re-planned on all that (note_failed_steps).
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ from raysys.privacy.dp import DPPlan, PartnerAccountant, partner_sample_rate, pl
 from raysys.spec import JobSpec
 
 EPSILON_REFRESH_S = 2.0
+
+
+def _precision(sigma: float) -> float:
+    """1 / sigma^2: what one release with noise multiplier sigma adds to a batch's precision
+    (independent Gaussian releases of one batch add up to one of the summed precision)."""
+    return math.inf if sigma <= 0 else 1.0 / sigma**2
+
+
+def _noise(precision: float) -> float:
+    """The noise multiplier of one release of `precision`."""
+    return 0.0 if math.isinf(precision) else 1.0 / math.sqrt(precision)
 
 
 class PartnerPrivacy:
@@ -54,8 +69,11 @@ class PartnerPrivacy:
         # what the checkpoint's history leaves.
         self.budget_steps: dict[str, int | None] = {}
         self._accounted: dict[str, int] = {}  # participations the accountant has taken
-        # Per partner: step -> failed attempts that released its batch, until accounted.
-        self._released: dict[str, dict[int, int]] = {}
+        # Per partner: step -> the precision (sum of 1 / sigma^2) of the releases of its batch
+        # not yet in the accountant; and for steps whose releases were accounted together, the
+        # precision they were accounted at, which a later release of the batch adds to.
+        self._released: dict[str, dict[int, float]] = {}
+        self._settled: dict[str, dict[int, float]] = {}
         for p in spec.partners:
             dp = p.privacy.dp
             if dp is None:
@@ -70,6 +88,7 @@ class PartnerPrivacy:
             self.budget_steps[p.name] = plan.budget_steps
             self._accounted[p.name] = 0
             self._released[p.name] = {}
+            self._settled[p.name] = {}
             self._on_spent[p.name] = dp.on_budget_spent
 
     @property
@@ -104,21 +123,34 @@ class PartnerPrivacy:
                 if budget is not None and name not in self.silenced]
         return max(0, min(left)) if left else None
 
-    def note_failed_steps(self, partners: set[str], steps: range, ledger: Ledger) -> list[str]:
+    def note_failed_steps(self, partners: set[str], steps: range, ledger: Ledger,
+                          accounted: bool = False) -> list[str]:
         """`steps` were attempted with `partners` contributing (their workers took part with a
         batch, decided when the attempt started) and run again: each DP partner among them may
         have released its batch of each such step, which its accountant must count (module
-        docstring), even if it has stopped contributing since. Re-plans budgets on that; a
-        partner whose re-runs would pass its target_epsilon stops contributing now. Returns
-        messages for the job log."""
-        self._add_releases(partners, steps)
+        docstring), even if it has stopped contributing since. With `accounted`, those
+        attempts completed and are in the accountant already (a re-formation went back): the
+        re-run is accounted on top of them. Re-plans budgets on that; a partner whose re-runs
+        would pass its target_epsilon stops contributing now. Returns messages for the log."""
+        for name in partners & self.plans.keys():
+            sigma = self.plans[name].noise_multiplier
+            for s in steps:
+                if accounted:  # its completed attempt is in the accountant, at sigma
+                    self._add_release(name, s, 0.0, prior=_precision(sigma))
+                else:
+                    self._add_release(name, s, _precision(sigma), prior=0.0)
         return self._replan_budgets(ledger, steps.start)
 
-    def _add_releases(self, partners: set[str], steps: range) -> None:
-        for name in partners & self.plans.keys():
-            released = self._released[name]
-            for s in steps:
-                released[s] = released.get(s, 0) + 1
+    def _add_release(self, name: str, step: int, precision: float, prior: float) -> None:
+        """One more release of `name`'s batch of `step`, of `precision`. A step not pending
+        starts from what its accountant holds for it: the precision of its releases accounted
+        together, or `prior` for an ordinary completed step (0 for one never run), so that its
+        next entry covers every release of the batch (on top of the earlier entry: more than
+        the exact cost, never less)."""
+        released = self._released[name]
+        if step not in released:
+            released[step] = self._settled[name].get(step, prior)
+        released[step] += precision
 
     def _replan_budgets(self, ledger: Ledger, step: int) -> list[str]:
         """Re-plan the budget of every contributing partner with pending releases; stop one
@@ -151,37 +183,40 @@ class PartnerPrivacy:
         left = rerun.steps_left(self.plans[name].target_epsilon, max_steps=self._job_steps)
         self.budget_steps[name] = self._accounted[name] + len(self._released[name]) + left
 
-    def _rerun_noise(self, name: str, attempts: Iterable[int]) -> list[float]:
-        """The noise multiplier a re-run step is accounted at, per step failed `attempts`
-        times: its k + 1 releases together are one at sigma / sqrt(k + 1)."""
-        sigma = self.plans[name].noise_multiplier
-        return [sigma / math.sqrt(k + 1) for k in attempts]
+    def _rerun_noise(self, name: str, precisions: Iterable[float]) -> list[float]:
+        """The noise multiplier a re-run step is accounted at, per pending precision P: its
+        releases and the re-run together are one release of precision P + 1 / sigma^2."""
+        once = _precision(self.plans[name].noise_multiplier)
+        return [_noise(p + once) for p in precisions]
+
+    def _account(self, name: str, step: int, rerun: bool) -> None:
+        """Account `name`'s pending releases of `step`, with its re-run or alone."""
+        precision = self._released[name].pop(step)
+        if rerun:
+            precision += _precision(self.plans[name].noise_multiplier)
+        self.accountants[name].step(noise_multiplier=_noise(precision))
+        self._settled[name][step] = precision
 
     def _account_released_alone(self, name: str) -> None:
-        """Account every pending release of `name` as never re-run: sigma / sqrt(k)."""
-        acc, sigma = self.accountants[name], self.plans[name].noise_multiplier
-        for k in self._released[name].values():
-            acc.step(noise_multiplier=sigma / math.sqrt(k))
-        self._released[name].clear()
+        """Account every pending release of `name` as never re-run."""
+        for s in list(self._released[name]):
+            self._account(name, s, rerun=False)
 
     def record(self, ledger: Ledger, step: int, first: int) -> list[str]:
         """After the ledger counted the chunk of steps [first, step): account the partners
         that took part, silence those whose budget is spent. Returns messages for the job log.
 
         A partner takes part in every step of a chunk or in none (the ledger counts it so). A
-        released step of the chunk is accounted with its releases (sigma / sqrt(k + 1)) if the
-        partner took part in its re-run, else alone (sigma / sqrt(k)): the job has passed it."""
+        released step of the chunk is accounted with its releases and its re-run if the partner
+        took part in the re-run, else with its releases alone: the job has passed it."""
         messages = []
         for name, plan in self.plans.items():
             entry = ledger[name]
             acc = self.accountants[name]
             new = entry.steps_participated - self._accounted[name]
-            released = self._released[name]
-            sigma = plan.noise_multiplier
-            for s in sorted(s for s in released if s < step):
-                k = released.pop(s)
+            for s in sorted(s for s in self._released[name] if s < step):
                 rerun = new > 0 and s >= first
-                acc.step(noise_multiplier=sigma / math.sqrt(k + 1 if rerun else k))
+                self._account(name, s, rerun)
                 new -= rerun
             if new > 0:
                 acc.step(new)
@@ -227,15 +262,15 @@ class PartnerPrivacy:
             key = (acc.steps, tuple(sorted(released.items())))
             if self._epsilon_steps.get(name) != key:
                 self._epsilon_steps[name] = key
-                sigma = self.plans[name].noise_multiplier
-                spent = acc.with_steps(sigma / math.sqrt(k) for k in released.values()) \
+                spent = acc.with_steps(_noise(p) for p in released.values() if p) \
                     if released else acc
                 ledger[name].epsilon = spent.epsilon() if spent.steps else 0.0
 
     def state_dict(self) -> dict[str, dict]:
         """Every DP partner's accountant history and not yet accounted releases (failed steps
         still to be re-run), for the checkpoint."""
-        return {name: {**acc.state_dict(), "released": dict(self._released[name])}
+        return {name: {**acc.state_dict(), "released": dict(self._released[name]),
+                       "settled": dict(self._settled[name])}
                 for name, acc in self.accountants.items()}
 
     def restore(self, ledger: Ledger, saved: Mapping[str, Mapping] | None, step: int,
@@ -244,7 +279,8 @@ class PartnerPrivacy:
         checkpoint's history (`saved`, from state_dict(); None for a checkpoint written before
         histories were kept, whose steps are then accounted at today's settings). `attempts` is
         the stopped run's journal of step ranges it attempted after that checkpoint ([first,
-        end, partners], from CheckpointStore.attempts): every attempt was a release. A step
+        end, {partner: noise multiplier}], from CheckpointStore.attempts): every attempt was a
+        release, at the noise it had. A step
         from `step` on runs again; one below (attempted again after a re-formation went back)
         was in the checkpoint's history once already, and each of its j later attempts is
         accounted by one more step at sigma / sqrt(j + 1) (more than the exact combined cost).
@@ -254,7 +290,8 @@ class PartnerPrivacy:
         messages = []
         for name, plan in self.plans.items():
             entry, acc = ledger[name], self.accountants[name]
-            if entry.steps_participated and entry.epsilon is None:
+            untracked = entry.epsilon is None or (saved is not None and name not in saved)
+            if entry.steps_participated and untracked:
                 raise DataError(
                     f"partner '{name}' privacy.dp: the checkpoint at step {step} holds "
                     f"{entry.steps_participated} steps this partner trained without differential "
@@ -267,33 +304,38 @@ class PartnerPrivacy:
                                 "history (an older version); its steps are accounted at this "
                                 f"spec's noise multiplier {plan.noise_multiplier:.3f}")
                 continue  # record() below replays them
-            state = saved.get(name, {"history": [], "released": {}})
+            state = saved.get(name, {"history": [], "released": {}, "settled": {}})
             acc.continue_history(state)
             self._accounted[name] = entry.steps_participated
-            self._released[name] = {int(s): int(k) for s, k in state["released"].items()}
+            self._released[name] = {int(s): float(p) for s, p in state["released"].items()}
+            self._settled[name] = {int(s): float(p) for s, p in state["settled"].items()}
             taken = {round(nm, 6) for nm, _, _ in state["history"]}
             if taken - {round(plan.noise_multiplier, 6)}:
                 messages.append(
                     f"partner {name}: resumed at noise multiplier {plan.noise_multiplier:.3f}; "
                     f"its {acc.steps} steps so far were accounted at noise multipliers "
                     f"{', '.join(f'{nm:.3f}' for nm in sorted(taken))}, as they were taken")
-        reached, below = step, {}
-        for first, end, partners in attempts:
-            if end > step:
-                self._add_releases(set(partners), range(max(first, step), end))
-                reached = max(reached, end)
-            for name in set(partners) & self.plans.keys():
-                for s in range(first, min(end, step)):
-                    below[name, s] = below.get((name, s), 0) + 1
-        for (name, _), j in below.items():
-            self.accountants[name].step(
-                noise_multiplier=self.plans[name].noise_multiplier / math.sqrt(j + 1))
+        reached, below = step, set()
+        for first, end, sigmas in attempts:
+            for name in sigmas.keys() & self.plans.keys():
+                # Steps the stopped run had completed before this checkpoint were taken at the
+                # checkpoint's noise.
+                then = (saved or {}).get(name, {}).get("noise_multiplier", sigmas[name])
+                for s in range(first, end):
+                    self._add_release(name, s, _precision(sigmas[name]),
+                                      prior=_precision(then) if s < step else 0.0)
+                    if s < step:
+                        below.add(s)
+            reached = max(reached, end)
+        for name in self.plans:  # attempted again below the checkpoint: never run again now
+            for s in sorted(s for s in self._released[name] if s < step):
+                self._account(name, s, rerun=False)
         if reached > step:
             messages.append(f"the stopped run attempted steps {step}-{reached - 1} after its "
                             "checkpoint: they run again, and every attempt is accounted as a "
                             "release")
         if below:
-            messages.append(f"the stopped run attempted {len({s for _, s in below})} steps "
+            messages.append(f"the stopped run attempted {len(below)} steps "
                             "below its checkpoint again (it had gone back): each attempt is "
                             "accounted as one more release")
         for name, plan in self.plans.items():  # budgets on the true history

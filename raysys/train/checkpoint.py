@@ -84,9 +84,9 @@ class CheckpointStore:
             self.fs.delete_file(f"{self.dir}/step-{step:09d}.pt")
 
     def write_attempts(self, attempts: list[list]) -> None:
-        """Replace the journal of attempted step ranges (each [seq, first, end, partners], seq
-        increasing; a checkpoint's journal_seq tells which came after it), atomically; read
-        back by attempts() on resume."""
+        """Replace the journal of attempted step ranges (each [seq, first, end, {partner: noise
+        multiplier}], seq increasing; a checkpoint's journal_seq tells which came after it),
+        atomically; read back by attempts() on resume."""
         self.fs.create_dir(self.dir, recursive=True)
         final = f"{self.dir}/{_ATTEMPTS}"
         with self.fs.open_output_stream(f"{final}.tmp") as out:
@@ -99,7 +99,8 @@ class CheckpointStore:
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return []
         with self.fs.open_input_stream(path) as f:
-            return [[int(q), int(a), int(b), list(p)] for q, a, b, p in json.loads(f.read())]
+            return [[int(q), int(a), int(b), {str(k): float(v) for k, v in p.items()}]
+                    for q, a, b, p in json.loads(f.read())]
 
     def latest_step(self) -> int | None:
         """The step of the checkpoint latest() would return (None without one)."""
