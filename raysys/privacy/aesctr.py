@@ -210,8 +210,11 @@ def _host_lanes() -> list[int]:
         return []
     import llvmlite.binding as llvm  # noqa: PLC0415
 
-    llvm.initialize_native_target()
-    features = llvm.get_host_cpu_features()
+    try:
+        llvm.initialize_native_target()
+        features = llvm.get_host_cpu_features()
+    except Exception:  # noqa: BLE001 - no native target or feature list: OpenSSL only
+        return []
     has = {name for name, on in features.items() if on}
     lanes = []
     if {"vaes", "avx512f"} <= has:
@@ -266,22 +269,15 @@ def _build(lanes: int) -> _Compiled | None:
 def default_lanes() -> int:
     """The width keystream_into uses: RAYSYS_AES_LANES if set (0 = OpenSSL; a width this CPU
     has), else the widest the CPU has (0 without x86 AES instructions)."""
+    host = _host_lanes()
     forced = os.environ.get(_ENV_LANES)
-    if forced is not None:
-        try:
-            host = _host_lanes()
-        except Exception:  # noqa: BLE001 - no native target: OpenSSL only
-            host = []
-        allowed = [0, *host]
-        if forced not in map(str, allowed):
-            raise ValueError(f"{_ENV_LANES} must be one of {allowed} on this CPU (0: OpenSSL), "
-                             f"not {forced!r}")
-        return int(forced)
-    try:
-        lanes = _host_lanes()
-    except Exception:  # noqa: BLE001 - no native target (e.g. not x86): OpenSSL
-        return 0
-    return lanes[0] if lanes else 0
+    if forced is None:
+        return host[0] if host else 0
+    allowed = [0, *host]
+    if forced not in map(str, allowed):
+        raise ValueError(f"{_ENV_LANES} must be one of {allowed} on this CPU (0: OpenSSL), "
+                         f"not {forced!r}")
+    return int(forced)
 
 
 _DTYPES = {32: np.uint32, 64: np.uint64}
