@@ -54,17 +54,22 @@ class CheckpointStore:
         self.keep = keep
 
     def save(self, ckpt: Checkpoint) -> str:
-        self.fs.create_dir(self.dir, recursive=True)
         buf = io.BytesIO()
         torch.save({"step": ckpt.step, "state": ckpt.state, "sampler": ckpt.sampler,
                     "counters": ckpt.counters, "privacy": ckpt.privacy,
                     "journal_seq": ckpt.journal_seq}, buf)
-        final = f"{self.dir}/step-{ckpt.step:09d}.pt"
-        tmp = f"{final}.tmp"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(buf.getvalue())
-        self.fs.move(tmp, final)  # atomic on POSIX; readers see the old set or the new one
+        final = self._write(f"step-{ckpt.step:09d}.pt", buf.getvalue())
         self._prune()
+        return final
+
+    def _write(self, name: str, data: bytes) -> str:
+        """Write `name` in the job's folder under a temporary name, then rename it: atomic on
+        POSIX, so readers see the old file or the new one, never half of one."""
+        self.fs.create_dir(self.dir, recursive=True)
+        final = f"{self.dir}/{name}"
+        with self.fs.open_output_stream(f"{final}.tmp") as out:
+            out.write(data)
+        self.fs.move(f"{final}.tmp", final)
         return final
 
     def _steps(self) -> list[int]:
@@ -87,11 +92,7 @@ class CheckpointStore:
         """Replace the journal of attempted step ranges (each [seq, first, end, {partner: noise
         multiplier}], seq increasing; a checkpoint's journal_seq tells which came after it),
         atomically; read back by attempts() on resume."""
-        self.fs.create_dir(self.dir, recursive=True)
-        final = f"{self.dir}/{_ATTEMPTS}"
-        with self.fs.open_output_stream(f"{final}.tmp") as out:
-            out.write(json.dumps(attempts).encode())
-        self.fs.move(f"{final}.tmp", final)
+        self._write(_ATTEMPTS, json.dumps(attempts).encode())
 
     def attempts(self) -> list[list]:
         """The journal write_attempts left ([] if none)."""
@@ -108,10 +109,10 @@ class CheckpointStore:
         return steps[-1] if steps else None
 
     def latest(self) -> Checkpoint | None:
-        steps = self._steps()
-        if not steps:
+        step = self.latest_step()
+        if step is None:
             return None
-        path = f"{self.dir}/step-{steps[-1]:09d}.pt"
+        path = f"{self.dir}/step-{step:09d}.pt"
         with self.fs.open_input_stream(path) as f:
             data = torch.load(io.BytesIO(f.read()), weights_only=False)
         return Checkpoint(data["step"], data["state"], data["sampler"], data["counters"], path,
