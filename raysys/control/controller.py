@@ -76,10 +76,11 @@ class JobController:
         self._deaths_counted: set[str] = set()  # members whose death the ledger holds
         self._open_events: list[RescaleEvent] = []  # changed, first step not yet measured
         self._waiting_since: float | None = None  # holding for an `on_no_room: wait` partner
-        # Under DP: the journal of attempted step ranges ([seq, first, end, partners], kept
-        # durably beside the checkpoints: _journal_attempt), the next seq, whether the next
-        # attempt must open an entry (one was checkpointed), and the part of the running chunk
-        # not yet known to have completed (range, partners), for a job that fails.
+        # Under DP: the journal of attempted step ranges ([seq, first, end, {partner: noise
+        # multiplier}], kept durably beside the checkpoints: _journal_attempt), the next seq,
+        # whether the next attempt must open an entry (one was checkpointed), and the part of
+        # the running chunk not yet known to have completed (range, partners), for a job that
+        # fails.
         self._attempts: list[list] = []
         self._attempt_seq = 0
         self._journal_break = True
@@ -302,9 +303,7 @@ class JobController:
         if ckpt is None and attempts:
             for message in self.privacy.restore(self.ledger, {}, 0, attempts):
                 self._log(message)
-        if self.privacy.stop_job:  # a resumed partner's budget was spent, under stop_job
-            self.stop_reason = "a partner's privacy budget is spent"
-            self._stop.set()
+        self._stop_if_budget_spent()  # a resumed partner's budget was spent, under stop_job
         if self.privacy.enabled:  # kept, in case this run stops too before its checkpoint
             self._attempts = journal
             self._attempt_seq = max([after, *(a[0] + 1 for a in journal)])
@@ -518,9 +517,7 @@ class JobController:
         self.step += advanced
         for message in self.privacy.record(self.ledger, self.step, self.step - advanced):
             self._log(message)
-        if self.privacy.stop_job and not self._stop.is_set():
-            self.stop_reason = "a partner's privacy budget is spent"
-            self._stop.set()
+        self._stop_if_budget_spent()
         self.ledger.export_metrics()
         now = time.time()
         self.chunk_rates.append((advanced * sum(batches[p] for p, c in counts.items()
@@ -605,6 +602,10 @@ class JobController:
         for message in self.privacy.note_failed_steps(took_part, steps, self.ledger,
                                                       accounted):
             self._log(message)
+        self._stop_if_budget_spent()
+
+    def _stop_if_budget_spent(self) -> None:
+        """Stop the job if a partner's spent budget asks for it (on_budget_spent: stop_job)."""
         if self.privacy.stop_job and not self._stop.is_set():
             self.stop_reason = "a partner's privacy budget is spent"
             self._stop.set()
