@@ -64,7 +64,7 @@ class PartnerPrivacy:
         self._on_spent = {}
         self._epsilon_at = -math.inf  # when epsilon was last written into the ledger
         # What each partner's epsilon was last computed for: accountant steps, pending releases.
-        self._epsilon_steps: dict[str, tuple] = {}
+        self._epsilon_for: dict[str, tuple] = {}
         # The step count after which a partner stops (target_epsilon): the plan's, or on resume
         # what the checkpoint's history leaves.
         self.budget_steps: dict[str, int | None] = {}
@@ -249,7 +249,7 @@ class PartnerPrivacy:
 
     def update_epsilon(self, ledger: Ledger, force: bool = False) -> None:
         """Write each DP partner's epsilon spent so far into the ledger: its accountant's,
-        plus every pending release as if never run again (sigma / sqrt(k); its re-run will
+        plus every pending release as if never run again (at its own precision; its re-run will
         cost at least that). Opacus' RDP epsilon takes ~0.1 s, as long as a chunk of steps, so
         between checkpoints and the end (force) it is refreshed at most every
         EPSILON_REFRESH_S; budgets are enforced by step count, not by this."""
@@ -260,8 +260,8 @@ class PartnerPrivacy:
         for name, acc in self.accountants.items():
             released = self._released[name]
             key = (acc.steps, tuple(sorted(released.items())))
-            if self._epsilon_steps.get(name) != key:
-                self._epsilon_steps[name] = key
+            if self._epsilon_for.get(name) != key:
+                self._epsilon_for[name] = key
                 spent = acc.with_steps(_noise(p) for p in released.values() if p) \
                     if released else acc
                 ledger[name].epsilon = spent.epsilon() if spent.steps else 0.0
@@ -280,13 +280,12 @@ class PartnerPrivacy:
         histories were kept, whose steps are then accounted at today's settings). `attempts` is
         the stopped run's journal of step ranges it attempted after that checkpoint ([first,
         end, {partner: noise multiplier}], from CheckpointStore.attempts): every attempt was a
-        release, at the noise it had. A step
-        from `step` on runs again; one below (attempted again after a re-formation went back)
-        was in the checkpoint's history once already, and each of its j later attempts is
-        accounted by one more step at sigma / sqrt(j + 1) (more than the exact combined cost).
-        Returns messages for the job log. Raises DataError
-        for a partner under DP now whose checkpointed steps were trained without it: no
-        guarantee can cover those."""
+        release, at the noise it had. A step from `step` on runs again, its releases pending; one
+        below (attempted again after a re-formation went back) is in the checkpoint's history
+        already, so it gets one more entry now, covering that release and its later ones (more
+        than the exact combined cost). Returns messages for the job log. Raises DataError for a
+        partner under DP now whose checkpointed steps were trained without it (or without a
+        history): no guarantee can cover those."""
         messages = []
         for name, plan in self.plans.items():
             entry, acc = ledger[name], self.accountants[name]
