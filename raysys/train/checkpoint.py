@@ -6,9 +6,9 @@ later step are determined), per-partner counters and, under differential privacy
 partner's accountant history. It is written to a temporary name and then renamed, so a reader
 never sees half a checkpoint, on a local folder or any pyarrow filesystem URI. Beside the
 checkpoints, a job under DP keeps `dp-attempts.json`: the step ranges it attempted, numbered, with
-the partners that took part, written before each chunk runs (entries older than the checkpoint a
-resume would use are dropped). A resume counts every attempt made after its checkpoint as a
-release.
+the noise of each partner that took part, written before each chunk runs (entries older than
+the checkpoint a resume would use are dropped). A resume counts every attempt made after its
+checkpoint as a release.
 """
 
 from __future__ import annotations
